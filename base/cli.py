@@ -1,0 +1,48 @@
+"""The `mm15` command: LightningCLI's fit / validate / test / predict, plus `export`.
+
+    mm15 fit --config configs/base/demo.yaml
+    mm15 test --config configs/base/demo.yaml --ckpt_path last
+    mm15 fit --config configs/base/demo.yaml --print_config     # the full, round-trippable config
+
+Model and data are chosen by `class_path` (`mm15.base.module.MM15Module`,
+`mm15.video.module.MM15VideoModule`, `mm15.ui.module.MM15UIModule`; `mm15.base.data.MM15DataModule`).
+The optimizer and scheduler are init arguments of the module (`optimizer:` / `scheduler:` with
+`class_path`), because the module builds per-component parameter groups itself.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from pytorch_lightning import LightningDataModule
+from pytorch_lightning.cli import LightningCLI
+
+from .module import MM15Module
+
+
+class MM15CLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--save_model", type=str | None, default=None,
+                            help="after fit: write the trained model as one mm15 directory here")
+
+    def after_fit(self) -> None:
+        target = self.config[self.subcommand].get("save_model")
+        if target and self.trainer.is_global_zero:
+            self.model.save_model(target)
+            print(f"saved model to {target}")
+
+
+def main(args: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["export"]:
+        from .export import main as export_main
+
+        return export_main(argv[1:])
+    MM15CLI(
+        MM15Module, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+        auto_configure_optimizers=False, save_config_kwargs={"overwrite": True}, args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""The data module: sources -> samples -> processed batches, with a quarantine and an error budget.
+
+Bad data never crashes a run and is never silently dropped. Every record that cannot be used (a
+malformed line, a missing or corrupt image, a media path outside the media root, a sample longer
+than the context) becomes a `Skip` written to `<run dir>/quarantine.jsonl` with the record id, the
+file and the reason. When the fraction of skipped samples passes `max_error_fraction` (checked once
+at least `min_samples_for_budget` were seen), the run stops with a summary of what went wrong.
+
+    data = MM15DataModule(train=[JsonlSource("train.jsonl")], val=[JsonlSource("val.jsonl")])
+
+The processor comes from the LightningModule (`module.processor`), so data and model always agree
+on tokenizer and preprocessing.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterable
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .processor import MM15Processor
+from .sample import Sample, SampleError, Skip
+from .sources import SampleSource
+
+log = logging.getLogger(__name__)
+
+
+class DataErrorBudgetExceeded(RuntimeError):
+    pass
+
+
+class Quarantine:
+    """Counts skips, appends them to a JSONL file and enforces the error budget."""
+
+    def __init__(self, path: str | Path | None, max_error_fraction: float, min_samples: int):
+        self.path = Path(path) if path else None
+        self.max_error_fraction = max_error_fraction
+        self.min_samples = min_samples
+        self.seen = 0
+        self.skips: list[Skip] = []
+
+    def record(self, skips: Iterable[Skip], seen: int) -> None:
+        skips = list(skips)
+        self.seen += seen
+        for s in skips:
+            log.warning("skipped %s record %s (%s): %s", s.stage, s.record_id, s.source, s.reason)
+        self.skips.extend(skips)
+        if skips and self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                for s in skips:
+                    f.write(json.dumps(s.__dict__) + "\n")
+        self.check()
+
+    def check(self) -> None:
+        if self.seen < self.min_samples or not self.skips:
+            return
+        if len(self.skips) / self.seen > self.max_error_fraction:
+            raise DataErrorBudgetExceeded(self.summary())
+
+    def summary(self) -> str:
+        reasons = collections.Counter(s.reason.split(":")[0][:80] for s in self.skips)
+        lines = [f"{len(self.skips)} of {self.seen} samples skipped "
+                 f"({len(self.skips) / max(self.seen, 1):.1%} > budget {self.max_error_fraction:.1%}); "
+                 f"details in {self.path or '(no quarantine file)'}"]
+        lines += [f"  {n:5d} x {reason}" for reason, n in reasons.most_common(10)]
+        lines += [f"  e.g. {s.source}: record {s.record_id}: {s.reason}" for s in self.skips[:3]]
+        return "\n".join(lines)
+
+
+def resolve_media(sample: Sample, root: str | None) -> Sample:
+    """Make media paths absolute under `root`; a path escaping the root is refused."""
+    if root is None:
+        return sample
+    base = Path(root).resolve()
+    for m in sample.media:
+        p = (base / m.path).resolve()
+        if p != base and base not in p.parents:
+            raise sample.error(f"media path {m.path!r} escapes the media root {base}")
+        m.path = str(p)
+    return sample
+
+
+class ProcessedDataset(Dataset):
+    """Samples processed on access (in loader workers); failures become `Skip`s."""
+
+    def __init__(self, samples: list[Sample], processor: MM15Processor, generate: bool):
+        self.samples = samples
+        self.processor = processor
+        self.generate = generate
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict[str, Any] | Skip:
+        sample = self.samples[i]
+        try:
+            return self.processor(sample, generate=self.generate)
+        except SampleError as e:
+            return e.as_skip("load")
+        except Exception as e:  # a bad file must not kill the run: recorded and budgeted
+            return Skip(sample.id, sample.source, f"{type(e).__name__}: {e}", "load")
+
+
+class MM15DataModule(pl.LightningDataModule):
+    """Args:
+    train, val, test, predict: lists of sources (`class_path` in YAML).
+    media_root: where relative media paths live, for sources without their own `media_root`.
+    batch_size: per-device micro-batch for training; `eval_batch_size` for val/test/predict.
+    num_workers: loader processes (media decoding and splitting run there).
+    max_error_fraction, min_samples_for_budget: the error budget (see module docstring).
+    quarantine_file: default `<trainer.default_root_dir>/quarantine.jsonl`.
+    """
+
+    def __init__(self, train: list[SampleSource] | None = None, val: list[SampleSource] | None = None,
+                 test: list[SampleSource] | None = None, predict: list[SampleSource] | None = None,
+                 media_root: str | None = None, batch_size: int = 8, eval_batch_size: int | None = None,
+                 num_workers: int = 0, max_error_fraction: float = 0.05, min_samples_for_budget: int = 20,
+                 quarantine_file: str | None = None, seed: int = 0):
+        super().__init__()
+        self.sources = {"train": train or [], "val": val or [], "test": test or [], "predict": predict or []}
+        self.media_root = media_root
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.quarantine = Quarantine(quarantine_file, max_error_fraction, min_samples_for_budget)
+        self.samples: dict[str, list[Sample]] = {}
+        self.processor: MM15Processor | None = None
+
+    def prepare_data(self) -> None:
+        for sources in self.sources.values():
+            for source in sources:
+                if hasattr(source, "prepare"):
+                    source.prepare()
+
+    def setup(self, stage: str) -> None:
+        if self.trainer is not None:
+            self.processor = self.trainer.lightning_module.processor
+            if self.quarantine.path is None:
+                self.quarantine.path = Path(self.trainer.default_root_dir) / "quarantine.jsonl"
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}[stage]
+        for split in wanted:
+            if split not in self.samples:
+                self.samples[split] = self.read_split(split)
+
+    def read_split(self, split: str) -> list[Sample]:
+        samples, skips = [], []
+        for source in self.sources[split]:
+            root = getattr(source, "media_root", None) or self.media_root
+            for item in source.read():
+                if isinstance(item, Skip):
+                    skips.append(item)
+                    continue
+                try:
+                    samples.append(resolve_media(item, root))
+                except SampleError as e:
+                    skips.append(e.as_skip("parse"))
+        self.quarantine.record(skips, seen=len(samples) + len(skips))
+        if self.sources[split] and not samples:
+            raise DataErrorBudgetExceeded(f"{split}: no usable samples\n{self.quarantine.summary()}")
+        log.info("%s: %d samples, %d skipped while reading", split, len(samples), len(skips))
+        return samples
+
+    def _loader(self, split: str, shuffle: bool, generate: bool) -> DataLoader:
+        if self.processor is None:
+            raise RuntimeError("the data module needs a processor: run it through a Trainer with an MM15Module")
+        dataset = ProcessedDataset(self.samples[split], self.processor, generate)
+        side = "left" if generate else "right"
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            dataset, batch_size=self.batch_size if split == "train" else self.eval_batch_size, shuffle=shuffle,
+            num_workers=self.num_workers, collate_fn=functools.partial(self.processor.collate, padding_side=side),
+            generator=generator, persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True, generate=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False, generate=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False, generate=True)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", shuffle=False, generate=True)
+
+    def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """Main process: record the skips the workers produced and enforce the budget."""
+        skipped = batch.pop("skipped", [])
+        self.quarantine.record(skipped, seen=batch.get("size", 0) + len(skipped))
+        return batch

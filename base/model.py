@@ -1,0 +1,261 @@
+"""The MM1.5 model as a plain `nn.Module`: vision tower -> connector -> decoder LLM.
+
+Usable without Lightning:
+
+    spec = ModelSpec(vision=PartSpec("openai/clip-vit-large-patch14-336"),
+                     llm=LLMSpec("Qwen/Qwen2.5-1.5B-Instruct"))
+    tokenizer = load_tokenizer(spec)
+    model = MM15Model.build(spec, tokenizer, crop_size=672)
+    out = model(input_ids, attention_mask, pixel_values=crops, labels=labels)   # out.loss
+    model.save_pretrained("run/model", tokenizer, preprocessing={...})
+    model, tokenizer, preprocessing = MM15Model.from_pretrained("run/model")
+
+Shapes: `input_ids`, `attention_mask`, `labels` (B, T); `pixel_values` (C, 3, r, r) holding every
+crop / frame of the batch in order of appearance; each crop fills `tokens_per_crop` consecutive
+placeholder positions (`image_token_id`) of `input_ids`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from .connector import ConnectorSpec, build_connector, tokens_per_crop
+from .sample import IMAGE_TOKEN
+
+IGNORE_INDEX = -100
+SPEC_FILE = "mm15_config.json"
+
+
+@dataclass
+class PartSpec:
+    """One pretrained part: `name_or_path` (local dir or hub name, loaded with `from_pretrained`) or
+    `config` (a config dict with `model_type`, built at random init with `from_config`)."""
+
+    name_or_path: str | None = None
+    config: dict[str, Any] | None = None
+
+
+@dataclass
+class VisionSpec(PartSpec):
+    """Args: feature_layer: hidden state the connector reads (-2: second to last, as LLaVA/MM1)."""
+
+    feature_layer: int = -2
+
+
+@dataclass
+class LLMSpec(PartSpec):
+    """Args: router_aux_loss_weight: weight of the MoE load-balancing loss (MM1.5: 0.01); ignored
+    for dense models. attn_implementation: passed to transformers (`sdpa`, `eager`, ...)."""
+
+    router_aux_loss_weight: float = 0.01
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class ModelSpec:
+    """The three parts plus the tokenizer (`tokenizer`: dir or hub name; default the LLM's; the
+    word `tiny` builds `mm15.base.tiny.tiny_tokenizer`)."""
+
+    vision: VisionSpec = field(default_factory=VisionSpec)
+    llm: LLMSpec = field(default_factory=LLMSpec)
+    connector: ConnectorSpec = field(default_factory=ConnectorSpec)
+    tokenizer: str | None = None
+
+
+@dataclass
+class MM15Output:
+    loss: torch.Tensor | None
+    lm_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    num_target_tokens: int = 0
+
+
+def _config(part: PartSpec) -> Any:
+    if part.name_or_path:
+        return AutoConfig.from_pretrained(part.name_or_path)
+    if part.config:
+        return AutoConfig.for_model(**part.config)
+    raise ValueError("a model part needs `name_or_path` or `config`")
+
+
+def vision_config(part: VisionSpec) -> Any:
+    """The vision sub-config (a full CLIP/SigLIP config holds it under `vision_config`)."""
+    cfg = _config(part)
+    return getattr(cfg, "vision_config", None) or cfg
+
+
+def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
+    """Tokenizer with the media placeholder token added and a pad token set."""
+    if spec.tokenizer == "tiny":
+        from .tiny import tiny_tokenizer
+
+        tok = tiny_tokenizer()
+    else:
+        source = spec.tokenizer or spec.llm.name_or_path
+        if not source:
+            raise ValueError("model.tokenizer is required when the LLM is built from a config")
+        tok = AutoTokenizer.from_pretrained(source)
+    if IMAGE_TOKEN not in tok.get_vocab():
+        tok.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _load_vision(spec: VisionSpec) -> nn.Module:
+    cfg = vision_config(spec)
+    if spec.name_or_path:
+        return AutoModel.from_pretrained(spec.name_or_path, config=cfg)
+    return AutoModel.from_config(cfg)
+
+
+def _load_llm(spec: LLMSpec) -> nn.Module:
+    kwargs = {"attn_implementation": spec.attn_implementation}
+    if spec.name_or_path:
+        return AutoModelForCausalLM.from_pretrained(spec.name_or_path, **kwargs)
+    return AutoModelForCausalLM.from_config(_config(spec), **kwargs)
+
+
+class MM15Model(nn.Module):
+    def __init__(self, spec: ModelSpec, vision: nn.Module, connector: nn.Module, llm: nn.Module,
+                 image_token_id: int, crop_size: int):
+        super().__init__()
+        self.spec = spec
+        self.vision = vision
+        self.connector = connector
+        self.llm = llm
+        self.image_token_id = image_token_id
+        self.crop_size = crop_size
+        self.patch_size = vision.config.patch_size
+        self.tokens_per_crop = tokens_per_crop(spec.connector, crop_size, self.patch_size)
+        self._is_moe = hasattr(llm.config, "router_aux_loss_coef") or hasattr(llm.config, "output_router_logits")
+
+    @classmethod
+    def build(cls, spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, crop_size: int) -> "MM15Model":
+        vision = _load_vision(spec.vision)
+        llm = _load_llm(spec.llm)
+        if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
+            llm.resize_token_embeddings(len(tokenizer))
+        vcfg = vision.config
+        num_patches = (crop_size // vcfg.patch_size) ** 2
+        connector = build_connector(spec.connector, vcfg.hidden_size, llm.config.hidden_size, num_patches)
+        return cls(spec, vision, connector, llm, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), crop_size)
+
+    # ----- media -----------------------------------------------------------------------------
+    def encode_media(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(C, 3, r, r) crops -> (C, tokens_per_crop, d_llm) LLM-space tokens."""
+        interpolate = pixel_values.shape[-1] != self.vision.config.image_size
+        out = self.vision(pixel_values=pixel_values, output_hidden_states=True, interpolate_pos_encoding=interpolate)
+        feats = out.hidden_states[self.spec.vision.feature_layer]  # (C, N[+1], C_enc)
+        side = pixel_values.shape[-1] // self.patch_size
+        if feats.shape[1] == side * side + 1:  # drop CLS
+            feats = feats[:, 1:]
+        return self.connector(feats)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              media_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with media features spliced in at the placeholder positions."""
+        mask = input_ids == self.image_token_id  # (B, T)
+        safe_ids = input_ids.masked_fill(mask, 0)
+        embeds = self.llm.get_input_embeddings()(safe_ids)  # (B, T, D)
+        if media_features is None and pixel_values is not None and pixel_values.numel():
+            media_features = self.encode_media(pixel_values.to(embeds.dtype))
+        n_placeholders = int(mask.sum())
+        n_features = 0 if media_features is None else media_features.shape[0] * media_features.shape[1]
+        if n_placeholders != n_features:
+            raise ValueError(
+                f"media placeholder mismatch: {n_placeholders} placeholder tokens in input_ids but "
+                f"{n_features} media feature vectors ({0 if media_features is None else media_features.shape[0]} "
+                f"crops x {self.tokens_per_crop} tokens)"
+            )
+        if n_features:
+            embeds = embeds.masked_scatter(mask.unsqueeze(-1), media_features.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
+        return embeds
+
+    # ----- training forward --------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, media_features: torch.Tensor | None = None, **_: Any) -> MM15Output:
+        embeds = self.embed(input_ids, pixel_values, media_features)
+        kwargs = {"output_router_logits": True} if self._is_moe else {}
+        decoder = self.llm.get_decoder()
+        out = decoder(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False, **kwargs)
+        if labels is None:
+            return MM15Output(loss=None)
+        # Project only positions that have a target: (N, D) -> (N, V), never the full (B, T, V).
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        hidden = out.last_hidden_state[:, :-1][keep]
+        logits = self.llm.get_output_embeddings()(hidden).float()
+        lm_loss = F.cross_entropy(logits, targets[keep]) if keep.any() else logits.sum() * 0.0
+        aux = self._router_aux_loss(out, attention_mask) if self._is_moe else None
+        loss = lm_loss if aux is None else lm_loss + self.spec.llm.router_aux_loss_weight * aux
+        return MM15Output(loss=loss, lm_loss=lm_loss, aux_loss=aux, num_target_tokens=int(keep.sum()))
+
+    def _router_aux_loss(self, out: Any, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        router_logits = getattr(out, "router_logits", None)
+        balance = getattr(sys.modules[type(self.llm).__module__], "load_balancing_loss_func", None)
+        if not router_logits or balance is None:
+            return None
+        cfg = self.llm.config
+        n_experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts")
+        return balance(router_logits, n_experts, cfg.num_experts_per_tok, attention_mask)
+
+    # ----- generation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                 media_features: torch.Tensor | None = None, **generate_kwargs: Any) -> torch.Tensor:
+        """Greedy/sampled continuation of left-padded prompts; returns only the new tokens (B, T_new)."""
+        embeds = self.embed(input_ids, pixel_values, media_features)
+        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+
+    # ----- one directory on disk ----------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path, tokenizer: PreTrainedTokenizerBase,
+                        preprocessing: dict[str, Any] | None = None) -> None:
+        """`vision/`, `llm/`, `tokenizer/` (HF layouts), `connector.safetensors`, `mm15_config.json`."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.vision.save_pretrained(d / "vision")
+        self.llm.save_pretrained(d / "llm")
+        tokenizer.save_pretrained(d / "tokenizer")
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.connector.state_dict().items()}, d / "connector.safetensors")
+        spec = asdict(self.spec)
+        spec["vision"].update(name_or_path="vision", config=None)
+        spec["llm"].update(name_or_path="llm", config=None)
+        spec["tokenizer"] = "tokenizer"
+        meta = {"model": spec, "crop_size": self.crop_size, "preprocessing": preprocessing or {}}
+        (d / SPEC_FILE).write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> tuple["MM15Model", PreTrainedTokenizerBase, dict[str, Any]]:
+        """Load a directory written by `save_pretrained`: (model, tokenizer, preprocessing dict)."""
+        spec, crop_size, preprocessing = read_saved_spec(directory)
+        tokenizer = load_tokenizer(spec)
+        model = cls.build(spec, tokenizer, crop_size)
+        model.connector.load_state_dict(load_file(Path(directory) / "connector.safetensors"))
+        return model, tokenizer, preprocessing
+
+
+def read_saved_spec(directory: str | Path) -> tuple[ModelSpec, int, dict[str, Any]]:
+    """The `ModelSpec` (part paths made absolute), crop size and preprocessing of a saved model."""
+    d = Path(directory)
+    if not (d / SPEC_FILE).exists():
+        raise FileNotFoundError(f"{d} is not an mm15 model directory (no {SPEC_FILE})")
+    meta = json.loads((d / SPEC_FILE).read_text())
+    m = meta["model"]
+    spec = ModelSpec(
+        vision=VisionSpec(**{**m["vision"], "name_or_path": str(d / m["vision"]["name_or_path"])}),
+        llm=LLMSpec(**{**m["llm"], "name_or_path": str(d / m["llm"]["name_or_path"])}),
+        connector=ConnectorSpec(**m["connector"]),
+        tokenizer=str(d / m["tokenizer"]),
+    )
+    return spec, int(meta["crop_size"]), meta.get("preprocessing", {})

@@ -1,0 +1,274 @@
+"""The shared LightningModule: training, validation loss, test/predict by generation, metrics.
+
+Variants subclass it one level deep and override named hooks only:
+
+* `build_processor(tokenizer, preprocessing, tokens_per_crop)`: the processor (video frames, ...)
+* `encode_media(batch)`: crops -> LLM-space media features (SlowFast pooling, ...)
+* `compute_metrics(records)`: prediction records -> result rows (UI boxes, video choices, ...)
+* `report(rows)`: print and log the result rows
+
+Run it through the CLI (`mm15 fit --config configs/base/demo.yaml`) or directly:
+
+    module = MM15Module(model=ModelSpec(...), preprocessing=PreprocessSpec(...))
+    pl.Trainer(max_steps=100).fit(module, MM15DataModule(train=[JsonlSource("train.jsonl")]))
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import pytorch_lightning as pl
+import torch
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+from .connector import tokens_per_crop
+from .metrics import exact_match_by_task, format_table
+from .model import MM15Model, ModelSpec, load_tokenizer, read_saved_spec, vision_config
+from .processor import MM15Processor, PreprocessSpec
+from .specs import diff_specs, from_dict
+
+log = logging.getLogger(__name__)
+COMPONENTS = ("vision", "connector", "llm")
+OptimizerFactory = Callable[[Iterable], Optimizer]
+SchedulerFactory = Callable[[Optimizer, int], LRScheduler]
+
+
+@dataclass
+class Components:
+    """A value per model component (freezing flags, learning rates)."""
+
+    vision: Any = None
+    connector: Any = None
+    llm: Any = None
+
+
+@dataclass
+class GenerationSpec:
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    num_beams: int = 1
+
+
+def _default_optimizer(params: Iterable) -> Optimizer:
+    return torch.optim.AdamW(params, lr=2e-5, weight_decay=0.0)
+
+
+class MM15Module(pl.LightningModule):
+    """Args:
+    model: the parts (ignored when `pretrained` is given).
+    preprocessing: how samples become tensors; default: the one saved with `pretrained`, else defaults.
+    pretrained: an mm15 model directory (`MM15Model.save_pretrained`) to start from.
+    optimizer: factory taking parameter groups (AdamW, Adafactor, ... via `class_path`).
+    scheduler: factory taking (optimizer, total_steps), e.g. `mm15.base.optim.WarmupCosine`.
+    learning_rates: per-component learning rates (None: the optimizer's lr).
+    freeze: per-component freezing (True: no gradients, weights untouched).
+    generation: decoding settings for test and predict.
+    """
+
+    preprocess_class: type[PreprocessSpec] = PreprocessSpec
+
+    def __init__(self, model: ModelSpec | None = None, preprocessing: PreprocessSpec | None = None,
+                 pretrained: str | None = None, optimizer: OptimizerFactory = _default_optimizer,
+                 scheduler: SchedulerFactory | None = None,
+                 learning_rates: Components = Components(),
+                 freeze: Components = Components(vision=False, connector=False, llm=False),
+                 generation: GenerationSpec = GenerationSpec()):
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.pretrained = pretrained
+        self.model_spec, crop_size, saved = self._resolve_spec(model, pretrained)
+        preprocessing = self._resolve_preprocessing(preprocessing, saved)
+        crop_size = preprocessing.split.crop_size
+        tokenizer = load_tokenizer(self.model_spec)
+        per_crop = tokens_per_crop(self.model_spec.connector, crop_size, vision_config(self.model_spec.vision).patch_size)
+        self.processor = self.build_processor(tokenizer, preprocessing, per_crop)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.learning_rates = learning_rates
+        self.freeze = freeze
+        self.generation = generation
+        self.model: MM15Model | None = None
+        self.records: list[dict[str, Any]] = []
+        self._last_step_end: float | None = None
+
+    # ----- construction --------------------------------------------------------------------------
+    @staticmethod
+    def _resolve_spec(model: ModelSpec | None, pretrained: str | None) -> tuple[ModelSpec, int, dict]:
+        if pretrained:
+            return read_saved_spec(pretrained)
+        if model is None:
+            raise ValueError("give `model` (the parts) or `pretrained` (an mm15 model directory)")
+        return model, 0, {}
+
+    def _resolve_preprocessing(self, preprocessing: PreprocessSpec | None, saved: dict) -> PreprocessSpec:
+        if preprocessing is None:
+            return from_dict(self.preprocess_class, saved) if saved else self.preprocess_class()
+        if saved:
+            for line in diff_specs(saved, asdict(preprocessing)):
+                log.warning("preprocessing differs from the pretrained model's: %s", line)
+        return preprocessing
+
+    def build_processor(self, tokenizer: Any, preprocessing: PreprocessSpec, per_crop: int) -> MM15Processor:
+        return MM15Processor(tokenizer, preprocessing, per_crop)
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        if self.pretrained:
+            self.model = MM15Model.from_pretrained(self.pretrained)[0]
+        else:
+            self.model = MM15Model.build(self.model_spec, self.processor.tokenizer, self.processor.spec.split.crop_size)
+        for name in COMPONENTS:
+            if getattr(self.freeze, name):
+                getattr(self.model, name).requires_grad_(False)
+
+    # ----- hooks for variants --------------------------------------------------------------------
+    def encode_media(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """(C, 3, r, r) normalised crops -> (C, M, D) media features; None for text-only batches."""
+        pixels = batch.get("pixel_values")
+        if pixels is None or not pixels.numel():
+            return None
+        return self.model.encode_media(pixels)
+
+    def compute_metrics(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return exact_match_by_task(records)
+
+    def report(self, rows: list[dict[str, Any]], stage: str = "test") -> None:
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        print(f"\n{stage} results\n" + format_table(rows, columns), flush=True)
+        for row in rows:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key not in ("n",) and value is not None:
+                    self.log(f"{stage}/{row['task']}/{key}", float(value), rank_zero_only=True, batch_size=1)
+
+    # ----- steps ---------------------------------------------------------------------------------
+    def media_features(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """Normalise the uint8 crops on the device (4x less host->device traffic), then encode."""
+        pixels = batch.get("pixel_values")
+        if pixels is not None and pixels.dtype == torch.uint8:
+            batch["pixel_values"] = self.processor.normalize(pixels)
+        return self.encode_media(batch)
+
+    def forward(self, batch: dict[str, Any]) -> Any:
+        features = self.media_features(batch)
+        return self.model(batch["input_ids"], batch["attention_mask"], labels=batch.get("labels"), media_features=features)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        if not batch.get("size"):
+            return None  # every sample of this batch was skipped (recorded in the quarantine)
+        out = self(batch)
+        n = batch["size"]
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=n)
+        if out.aux_loss is not None:
+            self.log("train/router_aux_loss", out.aux_loss, batch_size=n)
+        self._log_throughput(int(batch["attention_mask"].sum()))
+        return out.loss
+
+    def _log_throughput(self, tokens: int) -> None:
+        now = time.perf_counter()
+        if self._last_step_end is not None:
+            self.log("train/tokens_per_s", tokens / max(now - self._last_step_end, 1e-9), batch_size=1)
+        self._last_step_end = now
+        for group in self.optimizers().param_groups if self._trainer else []:
+            self.log(f"train/lr_{group.get('name', 'all')}", group["lr"], batch_size=1)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if batch.get("size"):
+            self.log("val/loss", self(batch).loss, prog_bar=True, batch_size=batch["size"], sync_dist=True)
+
+    def generate(self, batch: dict[str, Any]) -> list[str]:
+        tok = self.processor.tokenizer
+        out = self.model.generate(
+            batch["input_ids"], batch["attention_mask"], media_features=self.media_features(batch),
+            max_new_tokens=self.generation.max_new_tokens, do_sample=self.generation.do_sample,
+            num_beams=self.generation.num_beams, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        )
+        return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
+
+    def _records(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        if not batch.get("size"):
+            return []
+        predictions = self.generate(batch)
+        keys = zip(batch["ids"], batch["tasks"], batch["answers"], batch["metas"], batch["image_sizes"], predictions)
+        return [dict(id=i, task=t, answer=a, meta=m, image_size=s, prediction=p) for i, t, a, m, s, p in keys]
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.records.extend(self._records(batch))
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        records = self._records(batch)
+        self.records.extend(records)
+        return records
+
+    def on_test_epoch_start(self) -> None:
+        self.records = []
+
+    on_predict_epoch_start = on_test_epoch_start
+
+    def on_test_epoch_end(self) -> None:
+        records = self._gather(self.records)
+        self.write_records(records, "test_predictions.jsonl")
+        self.report(self.compute_metrics(records), "test")
+
+    def on_predict_epoch_end(self) -> None:
+        self.write_records(self._gather(self.records), "predictions.jsonl")
+
+    def _gather(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return records
+        parts: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, records)
+        return [r for part in parts for r in part]
+
+    def write_records(self, records: list[dict[str, Any]], name: str) -> None:
+        if self.trainer.is_global_zero:
+            path = Path(self.trainer.default_root_dir) / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(r, default=str) + "\n" for r in records))
+
+    # ----- optimisation --------------------------------------------------------------------------
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Trainable parameters per component, each with its own lr; no decay on 1-D tensors."""
+        groups = []
+        for name in COMPONENTS:
+            params = [p for p in getattr(self.model, name).parameters() if p.requires_grad]
+            lr = getattr(self.learning_rates, name)
+            for decay in (True, False):
+                chosen = [p for p in params if (p.ndim >= 2) == decay]
+                if chosen:
+                    group = {"params": chosen, "name": f"{name}{'' if decay else '_no_decay'}"}
+                    group.update({} if decay else {"weight_decay": 0.0})
+                    group.update({} if lr is None else {"lr": lr})
+                    groups.append(group)
+        if not groups:
+            raise ValueError("nothing to train: every component is frozen")
+        return groups
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameter_groups())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer, int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----- checkpoints ---------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["mm15_preprocessing"] = asdict(self.processor.spec)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Test/predict reuse the preprocessing the checkpoint was trained with."""
+        saved = checkpoint.get("mm15_preprocessing")
+        if saved:
+            for line in diff_specs(saved, asdict(self.processor.spec)):
+                log.warning("using the checkpoint's preprocessing, not the config's: %s", line)
+            self.processor.spec = from_dict(type(self.processor.spec), saved)
+
+    def save_model(self, directory: str | Path) -> None:
+        """Write the trained model as one mm15 directory (weights, configs, tokenizer, preprocessing)."""
+        self.model.save_pretrained(directory, self.processor.tokenizer, asdict(self.processor.spec))

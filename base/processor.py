@@ -1,0 +1,237 @@
+"""Sample -> tensors: media loading and splitting, region text, chat template, assistant-only labels.
+
+The processor knows nothing about dataset file formats (that is `mm15.data_builders`) and the model
+knows nothing about text. Variants override the hooks `load_media` (video frames), `media_text`
+(timestamps, indicators) and `build_messages`.
+
+    processor = MM15Processor(tokenizer, PreprocessSpec(), tokens_per_crop=144)
+    item = processor(sample)                    # training: labels on assistant tokens only
+    item = processor(sample, generate=True)     # prompt only, ends with the assistant header
+    batch = processor.collate([item, ...])      # padded; pixel_values (C, 3, r, r) uint8
+
+Token layout of one media item split into crops (position indicator `index`):
+    "(1,1,1)" <image>*M "(1,1,2)" <image>*M ... "(1,0,0)" <image>*M      # overview last
+`M = tokens_per_crop` from `mm15.base.connector.tokens_per_crop`, the single count function.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from transformers import PreTrainedTokenizerBase
+
+from .boxes import BoxCodec
+from .sample import BOX_MARKER, IMAGE_TOKEN, Media, Sample, SampleError, Skip
+from .splitting import SplitPlan, SplitSpec, split_image
+
+IGNORE_INDEX = -100
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class PreprocessSpec:
+    """Everything that turns a sample into tensors; saved with every checkpoint and export.
+
+    Args:
+        split: image splitting (see `mm15.base.splitting.SplitSpec`).
+        position_indicator: text around each crop: `index` ("(k,i,j)", MM1.5's final recipe),
+            `seps` ("," between crops of a row, newline after a row) [choice] or `none`.
+        index_format: the exact text of the index tuple [choice].
+        image_mean, image_std: the vision tower's normalisation (CLIP's by default).
+        max_length: samples longer than this are skipped (never cut inside media tokens).
+        system_prompt: prepended as a system turn when set; samples with regions get the box
+            codec's prompt when this is None.
+        boxes: region <-> text codec.
+        seed: seeds the referring box/point draw (per sample, so workers agree).
+    """
+
+    split: SplitSpec = field(default_factory=SplitSpec)
+    position_indicator: Literal["index", "seps", "none"] = "index"
+    index_format: str = "({k},{i},{j})"
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
+    max_length: int = 4096
+    system_prompt: str | None = None
+    boxes: BoxCodec = field(default_factory=BoxCodec)
+    seed: int = 0
+
+
+@dataclass
+class MediaBlock:
+    """One media item as crops (n, r, r, 3) uint8, the text that stands for it, its original size."""
+
+    crops: np.ndarray
+    text: str
+    size: tuple[int, int]  # (width, height) of the original image / frame
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def load_rgb(path: str, sample: Sample) -> np.ndarray:
+    """Decode an image file to (H, W, 3) uint8; a clear `SampleError` on any failure."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise sample.error(f"image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise sample.error(f"unreadable image {path}: {type(e).__name__}: {e}") from None
+
+
+class MM15Processor:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, spec: PreprocessSpec, tokens_per_crop: int):
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.tokens_per_crop = tokens_per_crop
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+    # ----- hooks -------------------------------------------------------------------------------
+    def load_media(self, sample: Sample, index: int, media: Media) -> MediaBlock:
+        """Image -> crops (split unless the sample has more images than `max_images_to_split`)."""
+        if media.kind != "image":
+            raise sample.error(f"media {media.path}: kind {media.kind!r} needs its variant processor (e.g. mm15.video)")
+        image = load_rgb(media.path, sample)
+        split = len(sample.media) <= self.spec.split.max_images_to_split
+        crops, plan = split_image(image, self.spec.split, split)
+        return MediaBlock(np.stack(crops), self.media_text(index, plan), (image.shape[1], image.shape[0]))
+
+    def media_text(self, index: int, plan: SplitPlan) -> str:
+        """Text for one media item: one `<image>` per crop with its position indicator."""
+        if not plan.has_grid or self.spec.position_indicator == "none":
+            return IMAGE_TOKEN * plan.num_crops
+        parts = []
+        for i, j in plan.crop_order:
+            if self.spec.position_indicator == "index":
+                parts.append(self.spec.index_format.format(k=index + 1, i=i, j=j) + IMAGE_TOKEN)
+            else:
+                sep = "" if i == 0 else ("," if j < plan.grid[1] else "\n")
+                parts.append(IMAGE_TOKEN + sep)
+        return "".join(parts)
+
+    def build_messages(self, sample: Sample, blocks: list[MediaBlock]) -> list[dict[str, str]]:
+        """Turns -> chat messages with media blocks and region text substituted."""
+        rng = random.Random(f"{self.spec.seed}:{sample.id}")
+        size = blocks[0].size if blocks else None
+        texts = iter(b.text for b in blocks)
+        messages = []
+        has_regions = any(t.boxes for t in sample.turns)
+        system = self.spec.system_prompt or (self.spec.boxes.prompt() if has_regions else None)
+        if system and sample.turns[0].role != "system":
+            messages.append({"role": "system", "content": system})
+        for turn in sample.turns:
+            text = self.render_regions(sample, turn.text, turn.boxes, turn.role, size, rng)
+            pieces = text.split(IMAGE_TOKEN)
+            text = pieces[0] + "".join(next(texts) + p for p in pieces[1:])
+            messages.append({"role": turn.role, "content": text})
+        return messages
+
+    def render_regions(self, sample: Sample, text: str, boxes: list[list[float]], role: str,
+                       size: tuple[int, int] | None, rng: random.Random) -> str:
+        if not boxes:
+            return text
+        if size is None:
+            raise sample.error("regions given but the sample has no image to place them on")
+        codec = self.spec.boxes
+
+        def sub(m: Any) -> str:
+            box = boxes[int(m.group(1))]
+            region = codec.referring_region(box, rng) if role == "user" else box
+            return codec.encode(region, size)
+
+        return BOX_MARKER.sub(sub, text)
+
+    # ----- sample -> tensors ---------------------------------------------------------------------
+    def __call__(self, sample: Sample, generate: bool = False) -> dict[str, Any]:
+        """Raises `SampleError` (naming record and file) for anything that makes the sample unusable."""
+        answer = sample.answer
+        if generate and sample.turns[-1].role == "assistant":
+            sample = sample.prompt_only()
+        blocks = [self.load_media(sample, k, m) for k, m in enumerate(sample.media)]
+        messages = self.build_messages(sample, blocks)
+        ids, labels = self.tokenize(messages, generate, sample)
+        ids, labels = self.expand_placeholders(ids, labels)
+        n_crops = sum(len(b.crops) for b in blocks)
+        if len(ids) > self.spec.max_length:
+            raise sample.error(
+                f"sequence of {len(ids)} tokens ({n_crops * self.tokens_per_crop} media tokens in {n_crops} crops) "
+                f"exceeds max_length {self.spec.max_length}; skipped, not truncated"
+            )
+        r = self.spec.split.crop_size
+        pixels = np.concatenate([b.crops for b in blocks]) if blocks else np.zeros((0, r, r, 3), np.uint8)
+        return {
+            "input_ids": torch.from_numpy(ids),
+            "labels": torch.from_numpy(labels),
+            "pixel_values": torch.from_numpy(pixels).permute(0, 3, 1, 2),  # (n, 3, r, r) uint8
+            "id": sample.id, "task": sample.task, "answer": answer, "meta": sample.meta,
+            "image_size": blocks[0].size if blocks else None,
+            "media_info": [b.info for b in blocks],
+        }
+
+    def tokenize(self, messages: list[dict[str, str]], generate: bool, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+        """Chat template, rendered incrementally so each assistant reply (with its end token) is the
+        only text that carries labels."""
+        render = self.tokenizer.apply_chat_template
+        ids: list[int] = []
+        labels: list[int] = []
+        done = ""
+        for k, msg in enumerate(messages):
+            if msg["role"] != "assistant":
+                continue
+            prompt = render(messages[:k], tokenize=False, add_generation_prompt=True)
+            full = render(messages[: k + 1], tokenize=False)
+            if not (prompt.startswith(done) and full.startswith(prompt)):
+                raise sample.error("chat template is not prefix-stable; cannot mask non-assistant tokens")
+            self._append(ids, labels, prompt[len(done):], target=False)
+            self._append(ids, labels, full[len(prompt):], target=True)
+            done = full
+        tail = render(messages, tokenize=False, add_generation_prompt=generate)
+        self._append(ids, labels, tail[len(done):], target=False)
+        return np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+
+    def _append(self, ids: list[int], labels: list[int], text: str, target: bool) -> None:
+        if not text:
+            return
+        new = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids.extend(new)
+        labels.extend(new if target else [IGNORE_INDEX] * len(new))
+
+    def expand_placeholders(self, ids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each `<image>` id -> `tokens_per_crop` copies (labels ignored there)."""
+        is_media = ids == self.image_token_id
+        repeats = np.where(is_media, self.tokens_per_crop, 1)
+        labels = np.where(is_media, IGNORE_INDEX, labels)
+        return np.repeat(ids, repeats), np.repeat(labels, repeats)
+
+    # ----- batching ------------------------------------------------------------------------------
+    def normalize(self, pixel_values: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(C, 3, r, r) uint8 -> normalised float, on whatever device the batch is on."""
+        mean = torch.tensor(self.spec.image_mean, device=pixel_values.device, dtype=dtype).view(1, 3, 1, 1)
+        std = torch.tensor(self.spec.image_std, device=pixel_values.device, dtype=dtype).view(1, 3, 1, 1)
+        return (pixel_values.to(dtype) / 255.0 - mean) / std
+
+    def collate(self, items: list[dict[str, Any] | Skip], padding_side: str = "right") -> dict[str, Any]:
+        skipped = [x for x in items if isinstance(x, Skip)]
+        items = [x for x in items if not isinstance(x, Skip)]
+        batch: dict[str, Any] = {"skipped": skipped, "size": len(items)}
+        if not items:
+            return batch
+        pad = self.tokenizer.pad_token_id
+        length = max(len(x["input_ids"]) for x in items)
+        ids = torch.full((len(items), length), pad, dtype=torch.long)
+        labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(items), length), dtype=torch.long)
+        for row, x in enumerate(items):
+            n = len(x["input_ids"])
+            cols = slice(length - n, length) if padding_side == "left" else slice(0, n)
+            ids[row, cols], labels[row, cols], mask[row, cols] = x["input_ids"], x["labels"], 1
+        batch.update(input_ids=ids, labels=labels, attention_mask=mask,
+                     pixel_values=torch.cat([x["pixel_values"] for x in items]))
+        for key in ("id", "task", "answer", "meta", "image_size", "media_info"):
+            batch[key + "s"] = [x[key] for x in items]  # ids, tasks, answers, metas, ...
+        return batch

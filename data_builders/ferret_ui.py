@@ -15,7 +15,8 @@ turn; read them with `require_answer=False` (an eval record's optional `label` b
 * Task: inferred from the file name the way Ferret-UI's `train.py` does (first of `TASKS`, in that
   order, contained in the name); `task=` overrides. An unknown task is a configuration error.
 * `meta` also carries what metrics and overlays need: `image_size` (the file's), `answer_boxes` (the
-  last answer's boxes, original pixels), `screenshot` (the resolved path), `task_kind`, `raw_id`.
+  last answer's boxes, original pixels), `query_boxes` (the questions' boxes), `screenshot` (the
+  resolved path), `task_kind`, `raw_id`.
 * Platform (`meta["platform"]`, for the Ref-i / Ref-A / Grd-i / Grd-A averages): the record's own
   `platform` field if any, else `iphone`/`ios` or `android` in the file name or image path, else the
   `platform=` argument; Spotlight tasks (Rico screens) are Android. Otherwise `unknown`.
@@ -167,7 +168,8 @@ class FerretUISource:
         answer = [t for t in turns if t.role == "assistant"]
         meta = {"raw_id": raw_id, "platform": self._platform(row, file, image, task), "task_kind": TASKS[task],
                 "image_size": [width, height], "screenshot": str(Path(self.media_root) / image),
-                "answer_boxes": answer[-1].boxes if answer else []}
+                "answer_boxes": answer[-1].boxes if answer else [],
+                "query_boxes": [b for t in turns if t.role == "user" for b in t.boxes]}
         if self.keep_masks and "masks" in row:
             meta["masks"] = row["masks"]
         sample = Sample(f"{Path(file).stem}:{raw_id}", turns, [Media(image)], task, file, meta)

@@ -1,0 +1,113 @@
+"""Synthetic UI generator (Ferret-UI layout, read back by the same reader) and box overlays."""
+
+import json
+from collections import Counter
+
+import numpy as np
+from PIL import Image
+
+from mm15.base.boxes import BoxCodec
+from mm15.base.sample import Sample
+from mm15.data_builders.synthetic_ui import TASK_NAMES, WIDGETS, WORDS, ScreenSpec, SyntheticUISource
+from mm15.ui.overlays import draw_overlay, log_overlays, pick_records, save_overlays
+
+
+def test_generator_writes_ferret_ui_json_read_back_by_the_reader(tmp_path):
+    source = SyntheticUISource(str(tmp_path), "train", num_screens=40, seed=3)
+    source.prepare()
+    files = sorted(p.name for p in (tmp_path / "train").glob("*.json"))
+    assert files == sorted(f"{t}_{p}_train.json" for t in TASK_NAMES for p in ("iphone", "android"))
+    raw = json.loads((tmp_path / "train" / "ocr_iphone_train.json").read_text())[0]
+    assert set(raw) == {"id", "image", "image_h", "image_w", "conversations", "box_x1y1x2y2"}
+    assert [c["from"] for c in raw["conversations"]] == ["human", "gpt"] and len(raw["box_x1y1x2y2"]) == 2
+    items = list(source.read())
+    assert items and all(isinstance(i, Sample) for i in items)  # no skips: every record is valid
+    tasks = Counter((s.task, s.meta["platform"]) for s in items)
+    assert set(tasks) == {(t, p) for t in TASK_NAMES for p in ("iphone", "android")}
+    by_task = {s.task: s for s in items}
+    assert by_task["widget_classification"].answer in WIDGETS and by_task["ocr"].answer in WORDS
+    assert by_task["find_text"].meta["task_kind"] == "grounding" and len(by_task["find_text"].meta["answer_boxes"]) == 1
+
+
+def test_screens_are_portrait_and_landscape_and_boxes_inside(tmp_path):
+    source = SyntheticUISource(str(tmp_path), "test", num_screens=30, seed=1, screen=ScreenSpec(landscape_ratio=0.5))
+    items = list(source.read())  # read() prepares when needed
+    sizes = Counter(tuple(s.meta["image_size"]) for s in items)
+    assert set(sizes) == {(64, 128), (128, 64)}
+    for s in items:
+        w, h = s.meta["image_size"]
+        for box in s.meta["answer_boxes"] + s.meta["query_boxes"]:
+            assert 0 <= box[0] < box[2] <= w and 0 <= box[1] < box[3] <= h
+
+
+def test_prepare_is_idempotent_and_deterministic(tmp_path):
+    a = SyntheticUISource(str(tmp_path / "a"), "val", num_screens=10, seed=5)
+    a.prepare()
+    stamp = (tmp_path / "a" / "val" / "ocr_iphone_val.json").stat().st_mtime_ns
+    a.prepare()
+    assert (tmp_path / "a" / "val" / "ocr_iphone_val.json").stat().st_mtime_ns == stamp
+    b = SyntheticUISource(str(tmp_path / "b"), "val", num_screens=10, seed=5)
+    b.prepare()
+    for name in ("ocr_iphone_val.json", "find_widget_android_val.json"):
+        assert (tmp_path / "a" / "val" / name).read_text() == (tmp_path / "b" / "val" / name).read_text()
+    img_a = np.asarray(Image.open(tmp_path / "a" / "images" / "val_00003.png"))
+    assert np.array_equal(img_a, np.asarray(Image.open(tmp_path / "b" / "images" / "val_00003.png")))
+    # Splits differ.
+    c = SyntheticUISource(str(tmp_path / "a"), "test", num_screens=10, seed=5)
+    c.prepare()
+    assert (tmp_path / "a" / "test" / "ocr_iphone_test.json").read_text() != (tmp_path / "a" / "val" / "ocr_iphone_val.json").read_text()
+
+
+def test_widgets_are_drawn_where_their_boxes_say(tmp_path):
+    items = list(SyntheticUISource(str(tmp_path), "train", num_screens=20).read())
+    for s in items:
+        if s.task != "widget_classification":
+            continue
+        image = np.asarray(Image.open(s.meta["screenshot"])).astype(int)
+        x1, y1, x2, y2 = (int(v) for v in s.meta["query_boxes"][0])
+        inside = image[y1:y2, x1:x2]
+        background = image[0, 0]
+        assert (np.abs(inside - background).sum(-1) > 30).any(), s.id  # something drawn in the box
+
+
+def test_overlay_draws_true_and_predicted_boxes(tmp_path):
+    image = Image.new("RGB", (64, 128), (250, 250, 250))
+    out = draw_overlay(image, [[10, 10, 30, 20]], [[40, 60, 60, 90], [5, 5]], ["find_text", "pred", "true"])
+    scale = 4  # 64 px -> 256 px
+    pixels = np.asarray(out)
+    assert out.width == 256 and out.height > 128 * scale
+    assert tuple(pixels[10 * scale, 20 * scale]) == (0, 200, 0)  # top edge of the true box
+    assert tuple(pixels[60 * scale, 50 * scale]) == (230, 0, 0)  # top edge of the predicted box
+
+
+class FakeWriter:
+    def __init__(self):
+        self.images = []
+
+    def add_image(self, tag, array, step, dataformats):
+        self.images.append((tag, array.shape, dataformats))
+
+    def flush(self):
+        pass
+
+
+class FakeLogger:
+    def __init__(self):
+        self.experiment = FakeWriter()
+
+
+def test_save_and_log_overlays_for_a_sample_of_records(tmp_path):
+    items = list(SyntheticUISource(str(tmp_path / "data"), "test", num_screens=12).read())
+    codec = BoxCodec()
+    records = [{"id": s.id, "task": s.task, "answer": s.answer, "meta": s.meta, "image_size": s.meta["image_size"],
+                "prediction": codec.encode(s.meta["answer_boxes"][0], s.meta["image_size"]) if s.meta["answer_boxes"]
+                else "Button"} for s in items]
+    records.append(dict(records[0], meta=dict(records[0]["meta"], screenshot=str(tmp_path / "missing.png"))))
+    picked = pick_records(records, 8)
+    assert len(picked) == 8 and len({r["task"] for r in picked}) == len(TASK_NAMES)  # spread over tasks
+    paths = save_overlays(records, tmp_path / "overlays", codec, limit=8)
+    assert 7 <= len(paths) <= 8 and all(p.suffix == ".png" and p.stat().st_size > 0 for p in paths)
+    logger = FakeLogger()
+    assert log_overlays(logger, paths, step=3) == len(paths)
+    assert logger.experiment.images[0][2] == "HWC"
+    assert log_overlays(object(), paths) == 0  # non-TensorBoard loggers are left alone

@@ -1,0 +1,300 @@
+"""Video files and frame folders -> the chosen frames as square uint8 crops, with a fallback decoder.
+
+Backends, tried in order (`DecodeSpec.backends`):
+
+* `decord`: opens the file at the size the model needs (FFmpeg resizes while decoding) and decodes
+  only the chosen frames (`VideoReader.get_batch` seeks to the nearest keyframe before each one).
+  decord ships x86-64 Linux wheels only and raises `DECORDError` (not a `RuntimeError`) or
+  `RuntimeError` depending on where it fails; any failure moves on to the next backend.
+* `pyav`: demuxes packet timestamps (no decoding), then seeks and decodes up to each chosen frame,
+  converting at the target size in swscale. Reads truncated files up to the damage.
+* a directory is a video stored as frame images (ShareGPTVideo ships frames); they are sorted in
+  natural order and read at `DecodeSpec.folder_fps` frames per second; JPEGs are decoded at reduced
+  scale (PIL draft mode) when much larger than needed.
+
+Every decoded video says which backend served it and what happened on the way
+(`DecodedVideo.backend`, `.notes`); `VideoDecoder.counts` counts backends, fallbacks and failures.
+A file no backend can read raises `VideoError` naming the file and each backend's reason.
+
+Rotation: decord applies an MP4 display matrix itself but returns mangled buffers when asked to
+resize a rotated stream at the same time (seen with decord 0.6.0: 6-channel frames), so rotated
+streams are decoded at native size and resized after; PyAV frames are rotated with `np.rot90`.
+
+    decoder = VideoDecoder(DecodeSpec(), FrameSampling(num_frames=24), size=378)
+    video = decoder.decode("clip.mp4", start=2.0, end=9.0)    # video.frames (24, 378, 378, 3) uint8
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from .probe import VideoInfo, probe_video
+from .sampling import FrameSampling, WindowError, sample_frame_indices
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+Backend = Literal["decord", "pyav"]
+
+
+class VideoError(ValueError):
+    """A video that cannot be used; the message names the file and the reason."""
+
+
+@dataclass
+class DecodeSpec:
+    """How videos are decoded (part of the preprocessing spec saved with checkpoints).
+
+    Args:
+        backends: decoders tried in order for video files.
+        fit: `pad` (resize keeping aspect, pad right/bottom with the encoder's mean colour, as the
+            core does for a one-crop image) or `stretch` (resize to r x r) [choice: pad].
+        folder_fps: frame rate assumed for videos stored as frame folders (for clip windows and
+            timestamps).
+    """
+
+    backends: list[Backend] = field(default_factory=lambda: ["decord", "pyav"])
+    fit: Literal["pad", "stretch"] = "pad"
+    folder_fps: float = 1.0
+
+
+@dataclass
+class DecodedVideo:
+    frames: np.ndarray  # (N, r, r, 3) uint8
+    indices: list[int]  # frame index of each row (repeats allowed)
+    timestamps: list[float]  # seconds from the start of the video, per row
+    backend: str  # decord | pyav | frames
+    notes: list[str] = field(default_factory=list)
+    size: tuple[int, int] = (0, 0)  # displayed (width, height) of the source
+
+
+def fit_size(width: int, height: int, r: int, fit: str) -> tuple[int, int]:
+    """(w, h) a frame is resized to: longer side r with aspect kept (`pad`), or r x r."""
+    if fit == "stretch":
+        return r, r
+    scale = r / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def resize_frames(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(N, H, W, 3) -> (N, h, w, 3) with area interpolation (frames shrink almost always)."""
+    if frames.shape[2:0:-1] == size:
+        return frames
+    return np.stack([cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in frames])
+
+
+def pad_square(frames: np.ndarray, r: int, color: tuple[int, int, int]) -> np.ndarray:
+    """(N, h, w, 3) with h, w <= r -> (N, r, r, 3), the frame top-left (the core's convention)."""
+    n, h, w, _ = frames.shape
+    if (h, w) == (r, r):
+        return frames
+    out = np.empty((n, r, r, 3), dtype=np.uint8)
+    out[...] = color
+    out[:, :h, :w] = frames
+    return out
+
+
+# ----- decord ------------------------------------------------------------------------------------
+def read_decord(path: str, info: VideoInfo, sampling: FrameSampling, r: int, fit: str,
+                start: float | None, end: float | None) -> DecodedVideo:
+    import decord
+
+    if info.rotation and info.container != "mp4":
+        raise RuntimeError(f"rotation {info.rotation} in a {info.container} container (decord's handling unverified)")
+    size = fit_size(info.width, info.height, r, fit)
+    native = info.rotation != 0  # see the module docstring
+    w, h = (-1, -1) if native else size
+    reader = decord.VideoReader(path, width=w, height=h, num_threads=1)
+    times = reader.get_frame_timestamp(np.arange(len(reader)))  # (T, 2) start, end seconds
+    pick = sample_frame_indices(times[:, 0], float(times[-1, 1]), sampling, start, end)
+    frames = reader.get_batch(pick.indices).asnumpy()  # (N, h, w, 3)
+    notes = pick.notes + ([f"rotation {info.rotation}: decoded at native size, resized after"] if native else [])
+    frames = resize_frames(frames, size) if native else frames
+    if frames.shape[1:] != (size[1], size[0], 3):
+        raise RuntimeError(f"decord returned frames of shape {frames.shape[1:]}, expected {(size[1], size[0], 3)}")
+    return DecodedVideo(frames, pick.indices, times[pick.indices, 0].tolist(), "decord", notes, (info.width, info.height))
+
+
+# ----- PyAV --------------------------------------------------------------------------------------
+def _packet_times(container, stream) -> tuple[np.ndarray, np.ndarray, float, list[str]]:
+    """Presentation timestamps (pts units, sorted) and keyframe pts, by demuxing without decoding."""
+    import av
+
+    pts, keys, notes, last_duration = [], [], [], 0
+    try:
+        for packet in container.demux(stream):
+            if packet.pts is None:
+                continue
+            pts.append(packet.pts)
+            last_duration = packet.duration or last_duration
+            if packet.is_keyframe:
+                keys.append(packet.pts)
+    except av.FFmpegError as e:
+        notes.append(f"demuxing stopped after {len(pts)} packets ({type(e).__name__}): file truncated or damaged")
+    if stream.frames and len(pts) < stream.frames:
+        notes.append(f"only {len(pts)} of {stream.frames} declared frames present")
+    return np.sort(np.asarray(pts, np.int64)), np.sort(np.asarray(keys, np.int64)), float(last_duration), notes
+
+
+def _frame_array(frame, r: int, fit: str) -> np.ndarray:
+    """One PyAV frame -> (h, w, 3) uint8 at the target size, upright."""
+    rot = int(frame.rotation) % 360
+    w, h = (frame.height, frame.width) if rot in (90, 270) else (frame.width, frame.height)
+    tw, th = fit_size(w, h, r, fit)
+    pre = (th, tw) if rot in (90, 270) else (tw, th)
+    array = frame.reformat(width=pre[0], height=pre[1], format="rgb24").to_ndarray()
+    return np.ascontiguousarray(np.rot90(array, k=rot // 90)) if rot else array
+
+
+def _decode_targets(container, stream, targets: np.ndarray, keys: np.ndarray, r: int, fit: str) -> dict[int, np.ndarray]:
+    """pts -> frame for each target pts; seeks only when a keyframe lies between here and the target."""
+    import av
+
+    out: dict[int, np.ndarray] = {}
+    frames, position = None, None
+    try:
+        for target in targets:
+            key = keys[max(np.searchsorted(keys, target, side="right") - 1, 0)] if len(keys) else target
+            if frames is None or position is None or key > position:
+                container.seek(int(key), stream=stream, backward=True)
+                frames = container.decode(stream)
+            for frame in frames:
+                position = frame.pts
+                if frame.pts is not None and frame.pts >= target:
+                    out[int(target)] = _frame_array(frame, r, fit)
+                    break
+    except av.FFmpegError:
+        pass  # damaged data: the caller fills missing frames from the nearest decoded one
+    return out
+
+
+def read_pyav(path: str, info: VideoInfo | None, sampling: FrameSampling, r: int, fit: str,
+              start: float | None, end: float | None) -> DecodedVideo:
+    import av
+
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        stream = container.streams.video[0]
+        pts, keys, step, notes = _packet_times(container, stream)
+        if len(pts) == 0:
+            raise ValueError("no video frames")
+        base = float(stream.time_base)
+        times = (pts - pts[0]) * base
+        step = step * base or (float(np.median(np.diff(times))) if len(times) > 1 else 0.04)
+        pick = sample_frame_indices(times, float(times[-1] + step), sampling, start, end)
+        wanted = np.unique(pts[pick.indices])
+        decoded = _decode_targets(container, stream, wanted, keys, r, fit)
+    if not decoded:
+        raise ValueError("no frame could be decoded")
+    frames = _fill_missing([int(pts[i]) for i in pick.indices], decoded, notes)
+    size = (info.width, info.height) if info else frames.shape[2:0:-1]
+    return DecodedVideo(frames, pick.indices, times[pick.indices].tolist(), "pyav", pick.notes + notes, size)
+
+
+def _fill_missing(order: list[int], decoded: dict[int, np.ndarray], notes: list[str]) -> np.ndarray:
+    """Stack frames in `order`; a pts that failed to decode takes the nearest decoded frame."""
+    have = np.asarray(sorted(decoded))
+    missing = [p for p in order if p not in decoded]
+    if missing:
+        notes.append(f"{len(set(missing))} chosen frames undecodable: replaced by the nearest decoded frame")
+    nearest = {p: int(have[np.abs(have - p).argmin()]) for p in set(missing)}
+    return np.stack([decoded[nearest.get(p, p)] for p in order])
+
+
+# ----- frame folders -----------------------------------------------------------------------------
+def _natural_key(name: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _load_frame(path: Path, r: int, fit: str) -> np.ndarray:
+    with Image.open(path) as im:
+        size = fit_size(im.width, im.height, r, fit)
+        im.draft("RGB", size)  # JPEG: decode at 1/2, 1/4 or 1/8 scale when that still covers `size`
+        return np.asarray(im.convert("RGB").resize(size, Image.BILINEAR))
+
+
+def read_frame_folder(path: str, fps: float, sampling: FrameSampling, r: int, fit: str,
+                      start: float | None, end: float | None) -> DecodedVideo:
+    files = sorted((p for p in Path(path).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: _natural_key(p.name))
+    if not files:
+        raise VideoError(f"{path}: frame folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    times = np.arange(len(files)) / fps
+    pick = sample_frame_indices(times, len(files) / fps, sampling, start, end)
+    loaded = {i: _load_frame(files[i], r, fit) for i in sorted(set(pick.indices))}
+    shapes = {a.shape for a in loaded.values()}
+    if len(shapes) > 1:  # frames of different sizes: bring them to the first one's
+        first = loaded[pick.indices[0]].shape[1::-1]
+        loaded = {i: cv2.resize(a, first, interpolation=cv2.INTER_AREA) for i, a in loaded.items()}
+    frames = np.stack([loaded[i] for i in pick.indices])
+    with Image.open(files[0]) as im:
+        size = im.size
+    return DecodedVideo(frames, pick.indices, times[pick.indices].tolist(), "frames", pick.notes, size)
+
+
+# ----- front door ----------------------------------------------------------------------------------
+class VideoDecoder:
+    """Decode the chosen frames of one video, falling back across backends; counts what served.
+
+    Args:
+        spec: backends, fit and frame-folder rate.
+        sampling: which frames (see `mm15.video.sampling`).
+        size: r, the side of the square crop each frame becomes.
+        pad_color: fill for `fit="pad"` (the encoder's mean colour, 0..255).
+    """
+
+    def __init__(self, spec: DecodeSpec, sampling: FrameSampling, size: int,
+                 pad_color: tuple[int, int, int] = (122, 116, 104)):
+        self.spec, self.sampling, self.size, self.pad_color = spec, sampling, size, tuple(pad_color)
+        self.counts: Counter[str] = Counter()
+
+    def decode(self, path: str, start: float | None = None, end: float | None = None) -> DecodedVideo:
+        """Raises `VideoError` naming the file and the reason when no backend can use it."""
+        try:
+            video = self._decode(str(path), start, end)
+        except (VideoError, WindowError) as e:
+            self.counts["failed"] += 1
+            raise VideoError(str(e) if isinstance(e, VideoError) else f"{path}: {e}") from None
+        self.counts[video.backend] += 1
+        video.frames = pad_square(video.frames, self.size, self.pad_color)
+        return video
+
+    def _decode(self, path: str, start: float | None, end: float | None) -> DecodedVideo:
+        if os.path.isdir(path):
+            return read_frame_folder(path, self.spec.folder_fps, self.sampling, self.size, self.spec.fit, start, end)
+        if not os.path.exists(path):
+            raise VideoError(f"{path}: file not found")
+        if os.path.getsize(path) == 0:
+            raise VideoError(f"{path}: empty file (0 bytes)")
+        return self._with_fallback(path, start, end)
+
+    def _with_fallback(self, path: str, start: float | None, end: float | None) -> DecodedVideo:
+        failures: list[str] = []
+        info = None
+        for name in self.spec.backends:
+            try:
+                info = info or (probe_video(path) if name == "decord" else None)
+                read = read_decord if name == "decord" else read_pyav
+                video = read(path, info, self.sampling, self.size, self.spec.fit, start, end)
+            except WindowError:
+                raise
+            except Exception as e:  # noqa: BLE001 - decord raises DECORDError, RuntimeError, IndexError...
+                failures.append(f"{name}: {type(e).__name__}: {_first_line(e)}")
+                continue
+            if failures:
+                self.counts["fallback"] += 1
+                video.notes.insert(0, "fallback after " + "; ".join(failures))
+            return video
+        raise VideoError(f"{path}: not a readable video ({'; '.join(failures)})")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else ""

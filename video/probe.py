@@ -1,0 +1,114 @@
+"""What a video looks like before decoding it: displayed width, height and rotation.
+
+The decoders need the displayed size (to resize while decoding, aspect kept) and the rotation
+(a phone video stored landscape with a 90-degree display matrix). For MP4/MOV files both come
+from the first video track's `tkhd` box, read here without any decoder (microseconds, even for
+long files, as only box headers and the `moov` box are read). Other containers are probed with
+PyAV, which reports rotation only on decoded frames, so one frame is decoded there.
+
+    info = probe_video("clip.mp4")     # VideoInfo(width=1080, height=1920, rotation=90, container='mp4')
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+from typing import BinaryIO, Iterator
+
+MP4_BRANDS = (b"ftyp",)
+_CONTAINERS = {b"moov", b"trak", b"mdia"}
+
+
+@dataclass
+class VideoInfo:
+    width: int  # displayed, i.e. after rotation
+    height: int
+    rotation: int  # counter-clockwise degrees to display upright: 0, 90, 180 or 270
+    container: str  # "mp4" (MP4/MOV family) or the PyAV format name
+
+
+def _boxes(data: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """(type, payload) of the ISO-BMFF boxes laid end to end in `data`."""
+    pos = 0
+    while pos + 8 <= len(data):
+        size, kind = struct.unpack(">I4s", data[pos: pos + 8])
+        header = 8
+        if size == 1:
+            size, header = struct.unpack(">Q", data[pos + 8: pos + 16])[0], 16
+        elif size == 0:
+            size = len(data) - pos
+        if size < header:
+            return
+        yield kind, data[pos + header: pos + size]
+        pos += size
+
+
+def _read_moov(f: BinaryIO) -> bytes | None:
+    """Walk the top-level boxes by seeking; return the `moov` payload."""
+    while True:
+        head = f.read(8)
+        if len(head) < 8:
+            return None
+        size, kind = struct.unpack(">I4s", head)
+        header = 8
+        if size == 1:
+            size, header = struct.unpack(">Q", f.read(8))[0], 16
+        if kind == b"moov":
+            return f.read(size - header) if size else f.read()
+        if size == 0 or size < header:
+            return None
+        f.seek(size - header, 1)
+
+
+def _tkhd_geometry(payload: bytes) -> tuple[float, float, int]:
+    """(width, height, rotation) from a `tkhd` payload: the stored size and the display matrix."""
+    offset = 4 + (32 if payload[0] == 1 else 20) + 8 + 8  # version/flags, times+ids, reserved, layer..volume
+    matrix = struct.unpack(">9i", payload[offset: offset + 36])
+    width, height = struct.unpack(">II", payload[offset + 36: offset + 44])
+    # FFmpeg's av_display_rotation_get: -atan2(b, a) on the 16.16 entries, counter-clockwise.
+    degrees = -math.degrees(math.atan2(matrix[1], matrix[0]))
+    return width / 65536, height / 65536, int(round(degrees / 90.0)) * 90 % 360
+
+
+def probe_mp4(path: str) -> VideoInfo | None:
+    """Geometry of the first video track of an MP4/MOV file; None when `path` is not one."""
+    with open(path, "rb") as f:
+        if f.read(8)[4:8] not in MP4_BRANDS:
+            return None
+        f.seek(0)
+        moov = _read_moov(f)
+    if moov is None:
+        return None
+    for kind, trak in _boxes(moov):
+        if kind != b"trak":
+            continue
+        parts = dict(_boxes(trak))
+        handler = dict(_boxes(parts.get(b"mdia", b""))).get(b"hdlr", b"")
+        if handler[8:12] == b"vide" and b"tkhd" in parts:
+            w, h, rot = _tkhd_geometry(parts[b"tkhd"])
+            w, h = (h, w) if rot in (90, 270) else (w, h)
+            return VideoInfo(max(1, round(w)), max(1, round(h)), rot, "mp4")
+    return None
+
+
+def probe_pyav(path: str) -> VideoInfo:
+    """Any container FFmpeg reads; decodes the first frame, the only place PyAV reports rotation."""
+    import av
+
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        frame = next(container.decode(container.streams.video[0]))
+        rot = int(frame.rotation) % 360
+        w, h = (frame.height, frame.width) if rot in (90, 270) else (frame.width, frame.height)
+        return VideoInfo(w, h, rot, container.format.name)
+
+
+def probe_video(path: str) -> VideoInfo:
+    """Displayed geometry of a video file (MP4/MOV by box parsing, the rest through PyAV)."""
+    try:
+        info = probe_mp4(path)
+    except (struct.error, IndexError, OSError):
+        info = None  # a damaged MP4 header: let FFmpeg judge it
+    return info if info is not None else probe_pyav(path)

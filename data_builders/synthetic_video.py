@@ -1,0 +1,149 @@
+"""A learnable synthetic video task that needs time: in which direction does the shape move?
+
+Each clip shows one coloured shape gliding across a plain background at constant speed, wrapping
+around the edges (it leaves on the right and comes back on the left). Its position in any single
+frame is uniform over the picture whatever the direction, so no single frame tells the answer:
+only the change between frames does. Moreover, for a given appearance the middle frame is the
+same pixel for pixel for the four directions (the clip is built around it), so a model that sees
+only the middle frame is at chance (1/4) by construction.
+
+Clips are written as real video files (H.264 through PyAV, lossless by default so the middle
+frame really is identical; or `mp4v` through OpenCV) and read back through the normal sampler.
+
+    source = SyntheticVideoSource("data/moving", split="train", num_samples=800)
+    source.prepare()        # writes data/moving/train.jsonl and data/moving/train/*.mp4 once
+
+`write_video` is also what the tests and benchmarks use to make fixtures (rotation, variable
+frame rate, sparse keyframes).
+"""
+
+from __future__ import annotations
+
+import random
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterator, Literal
+
+import cv2
+import numpy as np
+
+from mm15.base.sample import IMAGE_TOKEN, Media, Sample, Skip, Turn
+from mm15.base.sources import JsonlSource, write_jsonl
+from mm15.data_builders.synthetic_shapes import COLOURS, SHAPES, draw_shape
+
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+QUESTION = "In which direction does the shape move? Answer with one word: left, right, up or down."
+SPLIT_SEEDS = {"train": 10, "val": 11, "test": 12}
+Codec = Literal["h264", "mp4v"]
+
+
+def write_video(path: str | Path, frames: np.ndarray, fps: float = 8.0, codec: Codec = "h264",
+                lossless: bool = False, gop: int | None = None, rotation: int = 0,
+                times: list[float] | None = None) -> None:
+    """Write (T, H, W, 3) uint8 RGB frames (H, W even for H.264) as an MP4.
+
+    gop: keyframe interval (H.264). rotation: display-matrix rotation in degrees counter-clockwise
+    (H.264). times: per-frame presentation times in seconds, for variable frame rate (H.264).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if codec == "mp4v":
+        if rotation or times is not None:
+            raise ValueError("rotation and variable frame rate need codec='h264'")
+        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, frames.shape[2:0:-1])
+        for frame in frames:
+            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+        writer.release()
+        return
+    _write_h264(path, frames, fps, lossless, gop, rotation, times)
+
+
+def _write_h264(path: Path, frames: np.ndarray, fps: float, lossless: bool, gop: int | None,
+                rotation: int, times: list[float] | None) -> None:
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.options = {"preset": "ultrafast", **({"qp": "0"} if lossless else {"crf": "20"})}
+        if gop:
+            stream.options.update({"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0"})
+        if rotation:
+            stream.set_display_rotation(rotation)
+        if times is not None:
+            stream.codec_context.time_base = Fraction(1, 1000)
+        for k, array in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")
+            if times is not None:
+                frame.pts, frame.time_base = int(round(times[k] * 1000)), Fraction(1, 1000)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
+def make_clip(rng: random.Random, direction: str, size: int = 64, num_frames: int = 15,
+              step: float | None = None) -> np.ndarray:
+    """(T, size, size, 3) uint8 frames of one clip. The appearance and the middle frame depend on
+    `rng` only; `direction` changes the other frames."""
+    step = size / 8 if step is None else step  # pixels per frame
+    grey = rng.randint(20, 80)
+    colour, shape = COLOURS[rng.choice(list(COLOURS))], rng.choice(SHAPES)
+    radius = rng.randint(size // 8, size // 6)
+    mid_x, mid_y = rng.uniform(0, size), rng.uniform(0, size)
+    dx, dy = DIRECTIONS[direction]
+    middle = num_frames // 2
+    frames = np.full((num_frames, size, size, 3), grey, np.uint8)
+    for k in range(num_frames):
+        x = (mid_x + dx * step * (k - middle)) % size
+        y = (mid_y + dy * step * (k - middle)) % size
+        for ox in (-size, 0, size):  # wrapped copies, so the shape re-enters smoothly
+            for oy in (-size, 0, size):
+                draw_shape(frames[k], shape, colour, int(round(x + ox)), int(round(y + oy)), radius)
+    return frames
+
+
+def build_split(root: Path, split: str, num_samples: int, seed: int, size: int, num_frames: int,
+                fps: float, codec: Codec) -> list[Sample]:
+    rng = random.Random(seed)
+    samples = []
+    for n in range(num_samples):
+        direction = rng.choice(list(DIRECTIONS))
+        rel = f"{split}/{n:05d}.mp4"
+        clip = make_clip(random.Random(rng.random()), direction, size, num_frames)
+        write_video(root / rel, clip, fps, codec, lossless=True)
+        turns = [Turn("user", f"{IMAGE_TOKEN}\n{QUESTION}"), Turn("assistant", direction)]
+        samples.append(Sample(f"{split}-{n:05d}", turns, [Media(rel, kind="video")], task="direction",
+                              meta={"choices": list(DIRECTIONS), "num_choices": len(DIRECTIONS)}))
+    return samples
+
+
+class SyntheticVideoSource:
+    """Args:
+    root: output folder (clips and `<split>.jsonl`); generated once, reused afterwards.
+    split: train | val | test (different seeds, so held-out clips are unseen).
+    num_samples: clips in this split.
+    size: frame side in pixels (even). num_frames: frames per clip (odd, so there is one middle
+        frame; 15 = 1 + 7 * 2 lets 8 uniform samples land every second frame). fps: clip rate.
+    codec: `h264` (PyAV, lossless) or `mp4v` (OpenCV).
+    """
+
+    def __init__(self, root: str, split: str = "train", num_samples: int = 800, size: int = 64,
+                 num_frames: int = 15, fps: float = 8.0, codec: Codec = "h264", seed: int | None = None):
+        self.root = Path(root)
+        self.split, self.num_samples = split, num_samples
+        self.size, self.num_frames, self.fps, self.codec = size, num_frames, fps, codec
+        self.seed = SPLIT_SEEDS.get(split, 13) if seed is None else seed
+        self.media_root = str(self.root)
+
+    @property
+    def path(self) -> Path:
+        return self.root / f"{self.split}.jsonl"
+
+    def prepare(self) -> None:
+        if not self.path.exists():
+            samples = build_split(self.root, self.split, self.num_samples, self.seed, self.size,
+                                  self.num_frames, self.fps, self.codec)
+            write_jsonl(samples, self.path)
+
+    def read(self) -> Iterator[Sample | Skip]:
+        self.prepare()
+        yield from JsonlSource(str(self.path), media_root=self.media_root).read()

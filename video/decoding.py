@@ -102,10 +102,22 @@ def pad_square(frames: np.ndarray, r: int, color: tuple[int, int, int]) -> np.nd
 
 
 # ----- decord ------------------------------------------------------------------------------------
-def read_decord(path: str, info: VideoInfo, sampling: FrameSampling, r: int, fit: str,
+class ProbeError(RuntimeError):
+    """The container header could not be read (before any decoder was asked)."""
+
+
+def _probe(path: str) -> VideoInfo:
+    try:
+        return probe_video(path)
+    except Exception as e:  # noqa: BLE001 - whatever FFmpeg says, the reason is kept
+        raise ProbeError(f"unreadable container ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def read_decord(path: str, sampling: FrameSampling, r: int, fit: str,
                 start: float | None, end: float | None) -> DecodedVideo:
     import decord
 
+    info = _probe(path)
     if info.rotation and info.container != "mp4":
         raise RuntimeError(f"rotation {info.rotation} in a {info.container} container (decord's handling unverified)")
     size = fit_size(info.width, info.height, r, fit)
@@ -143,45 +155,55 @@ def _packet_times(container, stream) -> tuple[np.ndarray, np.ndarray, float, lis
     return np.sort(np.asarray(pts, np.int64)), np.sort(np.asarray(keys, np.int64)), float(last_duration), notes
 
 
+def displayed_size(frame) -> tuple[int, int]:
+    """(width, height) of a PyAV frame once its rotation is applied."""
+    rot = int(frame.rotation) % 360
+    return (frame.height, frame.width) if rot in (90, 270) else (frame.width, frame.height)
+
+
 def _frame_array(frame, r: int, fit: str) -> np.ndarray:
     """One PyAV frame -> (h, w, 3) uint8 at the target size, upright."""
     rot = int(frame.rotation) % 360
-    w, h = (frame.height, frame.width) if rot in (90, 270) else (frame.width, frame.height)
+    w, h = displayed_size(frame)
     tw, th = fit_size(w, h, r, fit)
     pre = (th, tw) if rot in (90, 270) else (tw, th)
     array = frame.reformat(width=pre[0], height=pre[1], format="rgb24").to_ndarray()
     return np.ascontiguousarray(np.rot90(array, k=rot // 90)) if rot else array
 
 
-def _decode_targets(container, stream, targets: np.ndarray, keys: np.ndarray, r: int, fit: str) -> dict[int, np.ndarray]:
-    """pts -> frame for each target pts; seeks only when a keyframe lies between here and the target."""
+def _decode_targets(container, stream, targets: np.ndarray, keys: np.ndarray, r: int,
+                    fit: str) -> tuple[dict[int, np.ndarray], tuple[int, int]]:
+    """pts -> frame for each target pts, and the displayed source size; seeks only when a keyframe lies between here and the target.
+    Damaged data loses the target being decoded; the next one starts again from a fresh seek."""
     import av
 
     out: dict[int, np.ndarray] = {}
-    frames, position = None, None
-    try:
-        for target in targets:
-            key = keys[max(np.searchsorted(keys, target, side="right") - 1, 0)] if len(keys) else target
+    frames, position, size = None, None, (0, 0)
+    for target in targets:
+        key = keys[max(np.searchsorted(keys, target, side="right") - 1, 0)] if len(keys) else target
+        try:
             if frames is None or position is None or key > position:
                 container.seek(int(key), stream=stream, backward=True)
                 frames = container.decode(stream)
             for frame in frames:
                 position = frame.pts
                 if frame.pts is not None and frame.pts >= target:
-                    out[int(target)] = _frame_array(frame, r, fit)
+                    out[int(target)], size = _frame_array(frame, r, fit), displayed_size(frame)
                     break
-    except av.FFmpegError:
-        pass  # damaged data: the caller fills missing frames from the nearest decoded one
-    return out
+        except av.FFmpegError:
+            frames = None
+    return out, size
 
 
-def read_pyav(path: str, info: VideoInfo | None, sampling: FrameSampling, r: int, fit: str,
+def read_pyav(path: str, sampling: FrameSampling, r: int, fit: str,
               start: float | None, end: float | None) -> DecodedVideo:
     import av
 
     with av.open(path) as container:
         if not container.streams.video:
             raise ValueError("no video stream")
+        if container.format.name.endswith("_pipe") or container.format.name == "image2":
+            raise ValueError(f"a still image ({container.format.name}), not a video")
         stream = container.streams.video[0]
         pts, keys, step, notes = _packet_times(container, stream)
         if len(pts) == 0:
@@ -191,11 +213,10 @@ def read_pyav(path: str, info: VideoInfo | None, sampling: FrameSampling, r: int
         step = step * base or (float(np.median(np.diff(times))) if len(times) > 1 else 0.04)
         pick = sample_frame_indices(times, float(times[-1] + step), sampling, start, end)
         wanted = np.unique(pts[pick.indices])
-        decoded = _decode_targets(container, stream, wanted, keys, r, fit)
-    if not decoded:
-        raise ValueError("no frame could be decoded")
+        decoded, size = _decode_targets(container, stream, wanted, keys, r, fit)
+    if 2 * len(decoded) < len(wanted):
+        raise ValueError(f"only {len(decoded)} of {len(wanted)} chosen frames could be decoded")
     frames = _fill_missing([int(pts[i]) for i in pick.indices], decoded, notes)
-    size = (info.width, info.height) if info else frames.shape[2:0:-1]
     return DecodedVideo(frames, pick.indices, times[pick.indices].tolist(), "pyav", pick.notes + notes, size)
 
 
@@ -277,12 +298,10 @@ class VideoDecoder:
 
     def _with_fallback(self, path: str, start: float | None, end: float | None) -> DecodedVideo:
         failures: list[str] = []
-        info = None
         for name in self.spec.backends:
             try:
-                info = info or (probe_video(path) if name == "decord" else None)
                 read = read_decord if name == "decord" else read_pyav
-                video = read(path, info, self.sampling, self.size, self.spec.fit, start, end)
+                video = read(path, self.sampling, self.size, self.spec.fit, start, end)
             except WindowError:
                 raise
             except Exception as e:  # noqa: BLE001 - decord raises DECORDError, RuntimeError, IndexError...
@@ -295,6 +314,11 @@ class VideoDecoder:
         raise VideoError(f"{path}: not a readable video ({'; '.join(failures)})")
 
 
+
+_LOG_PREFIX = re.compile(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ")
+
+
 def _first_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
+    """The useful part of an error message (decord prefixes every level with time and source line)."""
+    text = _LOG_PREFIX.sub("", str(error)).strip().splitlines()
     return text[0][:200] if text else ""

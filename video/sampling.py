@@ -69,7 +69,8 @@ def uniform_in_time(timestamps: np.ndarray, n: int) -> np.ndarray:
     targets = np.linspace(timestamps[0], timestamps[-1], n)
     right = np.clip(np.searchsorted(timestamps, targets), 1, len(timestamps) - 1)
     left = right - 1
-    nearer_left = (targets - timestamps[left]) <= (timestamps[right] - targets)
+    # Ties go to the earlier frame; the tolerance absorbs float32 timestamps from some decoders.
+    nearer_left = (targets - timestamps[left]) <= (timestamps[right] - targets) + 1e-6
     return np.where(nearer_left, left, right).astype(np.int64) if len(timestamps) > 1 else np.zeros(n, np.int64)
 
 

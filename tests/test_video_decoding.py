@@ -1,0 +1,208 @@
+"""Decoding: only the chosen frames, at the model's size, decord with PyAV fallback, frame folders,
+and every kind of bad input ending in a frame set with notes or a `VideoError` naming file and reason.
+
+Fixtures are written by the tests (lossless H.264 whose frame k has grey level 8k, so the decoded
+pixels say which frame was read)."""
+
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+
+decord = pytest.importorskip("decord")
+from decord._ffi.base import DECORDError  # noqa: E402
+
+from mm15.data_builders.synthetic_video import write_video  # noqa: E402
+from mm15.video import decoding  # noqa: E402
+from mm15.video.decoding import DecodeSpec, VideoDecoder, VideoError  # noqa: E402
+from mm15.video.sampling import FrameSampling  # noqa: E402
+
+PAD = (122, 116, 104)
+
+
+def grey_ramp(n: int, h: int = 32, w: int = 48) -> np.ndarray:
+    return np.stack([np.full((h, w, 3), 8 * k, np.uint8) for k in range(n)])  # (n, h, w, 3)
+
+
+def frame_ids(frames: np.ndarray, w: int) -> list[int]:
+    return [int(round(f[:, :w].mean() / 8)) for f in frames]
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("videos")
+    write_video(root / "ramp.mp4", grey_ramp(30), fps=10, lossless=True, gop=10)
+    write_video(root / "short.mp4", grey_ramp(5), fps=10, lossless=True)
+    half = np.zeros((32, 64, 3), np.uint8)
+    half[:16] = 255  # stored top half white
+    write_video(root / "rot90.mp4", np.stack([half] * 6), fps=10, rotation=90, lossless=True)
+    times = [0, 0.05, 0.1, 0.15, 0.2, 1.0, 2.0, 3.0, 4.0, 5.0]
+    write_video(root / "vfr.mp4", grey_ramp(10), times=times, lossless=True)
+    rng = np.random.default_rng(0)
+    write_video(root / "noise.mp4", rng.integers(0, 255, (40, 64, 64, 3), dtype=np.uint8), fps=10, gop=10)
+    return root
+
+
+def decoder(n=8, size=32, **spec) -> VideoDecoder:
+    return VideoDecoder(DecodeSpec(**spec), FrameSampling(num_frames=n), size, PAD)
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_reads_the_chosen_frames_resized_and_padded(videos, backend):
+    video = decoder(n=4, backends=[backend]).decode(videos / "ramp.mp4")
+    assert video.frames.shape == (4, 32, 32, 3) and video.frames.dtype == np.uint8
+    assert video.indices == [0, 10, 19, 29] and video.backend == backend
+    assert frame_ids(video.frames[:, :21], 32) == [0, 10, 19, 29]  # 48x32 -> 32x21, aspect kept
+    assert (video.frames[:, 22:] == PAD).all()  # padded at the bottom with the mean colour
+    assert np.allclose(video.timestamps, [0.0, 1.0, 1.9, 2.9])
+
+
+def test_decord_decodes_only_needed_frames_at_target_size(videos, monkeypatch):
+    calls = {}
+    real = decord.VideoReader
+
+    class Spy(real):
+        def __init__(self, uri, **kw):
+            calls["size"] = (kw.get("width"), kw.get("height"))
+            super().__init__(uri, **kw)
+
+        def get_batch(self, indices):
+            calls["indices"] = list(indices)
+            return super().get_batch(indices)
+
+    monkeypatch.setattr(decord, "VideoReader", Spy)
+    decoder(n=6, size=24).decode(videos / "ramp.mp4")
+    assert calls["size"] == (24, 16)
+    assert len(calls["indices"]) == 6
+
+
+def test_stretch_fills_the_square(videos):
+    video = decoder(n=2, fit="stretch").decode(videos / "ramp.mp4")
+    assert frame_ids(video.frames, 32) == [0, 29]
+
+
+def test_decord_failure_falls_back_to_pyav_and_is_counted(videos, monkeypatch):
+    def broken(*args, **kwargs):
+        raise DECORDError("cannot decode this one")
+
+    monkeypatch.setattr(decoding, "read_decord", broken)
+    dec = decoder(n=3)
+    video = dec.decode(videos / "ramp.mp4")
+    assert video.backend == "pyav" and frame_ids(video.frames[:, :21], 32) == [0, 14, 29]
+    assert "DECORDError" in video.notes[0] and dec.counts == {"pyav": 1, "fallback": 1}
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_rotation_metadata_is_applied(videos, backend):
+    video = decoder(n=2, backends=[backend]).decode(videos / "rot90.mp4")
+    assert video.size == (32, 64)  # displayed portrait
+    frame = video.frames[0].astype(int)  # 16 wide x 32 high, then padding on the right
+    assert frame[:, :6].mean() > 200 and frame[:, 10:16].mean() < 50  # stored top -> displayed left
+    assert (video.frames[0][:, 17:] == PAD).all()
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_variable_frame_rate_uses_timestamps(videos, backend):
+    video = decoder(n=4, backends=[backend]).decode(videos / "vfr.mp4")
+    assert video.indices == [0, 6, 7, 9] and np.allclose(video.timestamps, [0, 2, 3, 5])
+    assert any("variable frame rate" in n for n in video.notes)
+
+
+def test_short_video_repeats_frames(videos):
+    video = decoder(n=8).decode(videos / "short.mp4")
+    assert len(video.frames) == 8 and set(frame_ids(video.frames[:, :21], 32)) == {0, 1, 2, 3, 4}
+    assert any("repeated" in n for n in video.notes)
+    assert len(decoder(n=8, backends=["decord"]).decode(videos / "short.mp4").frames) == 8
+
+
+def test_short_video_take_all(videos):
+    dec = VideoDecoder(DecodeSpec(), FrameSampling(num_frames=8, short_video="all"), 32, PAD)
+    video = dec.decode(videos / "short.mp4")
+    assert frame_ids(video.frames[:, :21], 32) == [0, 1, 2, 3, 4]
+
+
+def test_clip_window(videos):
+    video = decoder(n=3).decode(videos / "ramp.mp4", start=1.0, end=2.0)
+    assert video.indices == [10, 14, 19]
+    with pytest.raises(VideoError, match=r"ramp.mp4: clip window .* outside the video"):
+        decoder().decode(videos / "ramp.mp4", start=5.0, end=9.0)
+
+
+def test_clip_window_partly_outside_is_clamped(videos):
+    video = decoder(n=2).decode(videos / "ramp.mp4", start=2.0, end=60.0)
+    assert video.indices == [20, 29] and any("clamped" in n for n in video.notes)
+
+
+@pytest.mark.parametrize("name,make,reason", [
+    ("missing.mp4", None, "file not found"),
+    ("empty.mp4", lambda p, src: p.write_bytes(b""), r"empty file \(0 bytes\)"),
+    ("text.mp4", lambda p, src: p.write_text("not a video\n" * 50), "not a readable video"),
+    ("cut.mp4", lambda p, src: p.write_bytes(src.read_bytes()[: src.stat().st_size // 2]), "not a readable video"),
+    ("still.mp4", lambda p, src: cv2.imwrite(str(p.with_suffix(".png")), np.zeros((8, 8, 3), np.uint8))
+     and shutil.move(p.with_suffix(".png"), p), "still image"),
+])
+def test_unusable_files_raise_naming_file_and_reason(videos, tmp_path, name, make, reason):
+    path = tmp_path / name
+    if make:
+        make(path, videos / "noise.mp4")  # noise.mp4 has its index at the end: a cut loses it
+    dec = decoder()
+    with pytest.raises(VideoError, match=reason) as info:
+        dec.decode(path)
+    assert name in str(info.value) and dec.counts == {"failed": 1}
+
+
+def test_truncated_file_with_index_first_is_read_up_to_the_damage(videos, tmp_path):
+    src = tmp_path / "fast.mp4"
+    write_video(src, grey_ramp(30), fps=10, lossless=True, gop=5)
+    import av  # move the index to the front (as `-movflags faststart` does), then cut the file
+
+    fast = tmp_path / "front.mp4"
+    with av.open(str(src)) as inp, av.open(str(fast), "w", options={"movflags": "faststart"}) as out:
+        stream = out.add_stream_from_template(inp.streams.video[0])
+        for packet in inp.demux(inp.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                out.mux(packet)
+    cut = tmp_path / "cut_front.mp4"
+    cut.write_bytes(fast.read_bytes()[: int(fast.stat().st_size * 0.6)])
+    dec = decoder(n=4)
+    video = dec.decode(cut)
+    assert video.backend == "pyav" and dec.counts["fallback"] == 1
+    assert any("declared frames present" in n for n in video.notes)
+    assert max(video.indices) < 30
+
+
+def test_corrupt_stream_is_served_by_the_fallback_or_refused(videos, tmp_path):
+    data = bytearray((videos / "noise.mp4").read_bytes())
+    start = data.find(b"mdat") + 20000
+    data[start: start + 4000] = bytes(4000)
+    path = tmp_path / "corrupt.mp4"
+    path.write_bytes(bytes(data))
+    dec = decoder(n=8)
+    try:
+        video = dec.decode(path)
+    except VideoError as e:
+        assert "corrupt.mp4" in str(e) and dec.counts["failed"] == 1
+    else:
+        assert video.frames.shape == (8, 32, 32, 3)
+        assert video.backend == "decord" or dec.counts["fallback"] == 1
+
+
+def test_frame_folder_natural_order_and_rate(tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for k in range(12):  # frame_2 must come before frame_10
+        cv2.imwrite(str(folder / f"frame_{k}.jpg"), np.full((60, 80, 3), 8 * k, np.uint8))
+    (folder / "notes.txt").write_text("ignored")
+    video = decoder(n=4, folder_fps=2.0).decode(folder)
+    assert video.backend == "frames" and video.indices == [0, 4, 7, 11]
+    assert frame_ids(video.frames[:, :24], 32) == [0, 4, 7, 11]
+    assert np.allclose(video.timestamps, [0, 2.0, 3.5, 5.5])
+    assert decoder(n=2, folder_fps=2.0).decode(folder, start=3.0, end=4.0).indices == [6, 7]
+
+
+def test_empty_frame_folder_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(VideoError, match="holds no images"):
+        decoder().decode(tmp_path / "empty")

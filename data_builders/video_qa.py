@@ -1,0 +1,219 @@
+"""Video QA benchmarks -> canonical samples: ActivityNet-QA (open-ended), NExT-QA, EgoSchema and
+Video-MME (multiple choice).
+
+Multiple-choice prompt [choice, the lmms-eval / LLaVA-OneVision wording]:
+
+    <image>
+    {question}
+    A. {option 0}
+    B. {option 1}
+    ...
+    Answer with the option's letter from the given choices directly.
+
+with the letter as the reference answer and `meta = {"choices": [...], "answer_index": k,
+"num_choices": n}` for `mm15.video.metrics`. Open-ended questions end with "Answer the question
+using a single word or phrase." Each builder documents the layout it reads; bad rows become
+`Skip`s with the reason. `task` is the dataset name, so results come one row per dataset.
+
+    source = NExTQASource("nextqa/val.csv", media_root="nextqa/NExTVideo")
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import string
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from mm15.base.sample import IMAGE_TOKEN, Media, Sample, SampleError, Skip, Turn
+
+MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov")
+_OPTION_PREFIX = re.compile(r"^\s*\(?[A-Z][.):]\s*")
+
+
+def find_video(root: str | None, stem: str, extensions: Iterable[str] = VIDEO_EXTENSIONS) -> str:
+    """`stem` + the first extension that exists under `root` (`stem` + the first one otherwise,
+    so the loader reports the missing file)."""
+    extensions = list(extensions)
+    for ext in extensions:
+        if root is not None and (Path(root) / f"{stem}{ext}").exists():
+            return f"{stem}{ext}"
+    return f"{stem}{extensions[0]}"
+
+
+def multiple_choice_sample(record_id: str, source: str, video: str, question: str, options: list[str],
+                           answer_index: int | None, task: str, meta: dict[str, Any] | None = None) -> Sample:
+    """One MC sample; without `answer_index` it is a prompt-only sample (prediction)."""
+    options = [str(o).strip() for o in options]
+    if len(options) < 2 or len(options) > 26 or not all(options):
+        raise SampleError(record_id, source, f"needs 2-26 non-empty options, got {options!r}")
+    if answer_index is not None and not 0 <= answer_index < len(options):
+        raise SampleError(record_id, source, f"answer index {answer_index} outside {len(options)} options")
+    letters = string.ascii_uppercase
+    text = "\n".join([f"{IMAGE_TOKEN}\n{str(question).strip()}", *(f"{letters[k]}. {o}" for k, o in enumerate(options)),
+                      MC_INSTRUCTION])
+    turns = [Turn("user", text)] + ([Turn("assistant", letters[answer_index])] if answer_index is not None else [])
+    meta = {**(meta or {}), "choices": options, "answer_index": answer_index, "num_choices": len(options)}
+    return Sample(record_id, turns, [Media(video, kind="video")], task=task, source=source, meta=meta)
+
+
+def _samples(rows: Iterable[tuple[str, Any]], source: str, to_sample: Callable[[Any, str], Sample],
+             require_answer: bool) -> Iterator[Sample | Skip]:
+    """Rows through `to_sample` and `validate`; failures become Skips naming the row."""
+    for label, row in rows:
+        try:
+            yield to_sample(row, label).validate(require_answer)
+        except SampleError as e:
+            yield e.as_skip("parse")
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            yield Skip(label, source, f"malformed row ({type(e).__name__}: {e})", "parse")
+
+
+def _load_json(path: str) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+class ActivityNetQASource:
+    """ActivityNet-QA (github.com/MILVLG/activitynet-qa), open-ended.
+
+    Layout as published: questions and answers in two JSON arrays joined by `question_id`,
+
+        {split}_q.json: [{"video_name": "Lf_7RurLgp0", "question": "is the man wearing a hat", "question_id": "v_Lf_7RurLgp0_2"}]
+        {split}_a.json: [{"answer": "yes", "type": 3, "question_id": "v_Lf_7RurLgp0_2"}]
+
+    and the ActivityNet videos as `v_{video_name}.mp4|.mkv|.webm` under `media_root`
+    (`video_pattern` changes the file stem). `type`: 0 motion, 1 spatial, 2 temporal, 3 yes/no,
+    4 colour, 5 object, 6 location, 7 number, 8 other (kept in `meta["type"]`).
+    """
+
+    def __init__(self, questions: str, answers: str | None = None, media_root: str | None = None,
+                 video_pattern: str = "v_{video_name}", task: str = "activitynet_qa", require_answer: bool = True):
+        self.questions, self.answers = str(questions), answers
+        self.media_root = media_root if media_root is not None else str(Path(questions).parent)
+        self.video_pattern, self.task, self.require_answer = video_pattern, task, require_answer
+
+    def to_sample(self, row: dict[str, Any], answers: dict[str, dict]) -> Sample:
+        qid = str(row["question_id"])
+        question = str(row["question"]).strip()
+        question = question[:1].upper() + question[1:] + ("" if question.endswith("?") else "?")
+        turns = [Turn("user", f"{IMAGE_TOKEN}\n{question}\n{SHORT_ANSWER}")]
+        answer = answers.get(qid)
+        if answer is not None:
+            turns.append(Turn("assistant", str(answer["answer"])))
+        video = find_video(self.media_root, self.video_pattern.format(video_name=row["video_name"]))
+        meta = {"type": answer.get("type")} if answer else {}
+        return Sample(qid, turns, [Media(video, kind="video")], task=self.task, source=self.questions, meta=meta)
+
+    def read(self) -> Iterator[Sample | Skip]:
+        answers = {str(a["question_id"]): a for a in _load_json(self.answers)} if self.answers else {}
+        rows = ((str(r.get("question_id", f"#{i}")), r) for i, r in enumerate(_load_json(self.questions)))
+        yield from _samples(rows, self.questions, lambda row, _: self.to_sample(row, answers), self.require_answer)
+
+
+class NExTQASource:
+    """NExT-QA multiple choice (github.com/doc-doc/NExT-QA).
+
+    Layout as published: `{split}.csv` with columns
+    `video,frame_count,width,height,question,answer,qid,type,a0,a1,a2,a3,a4` (`answer` is the index
+    of the right option), `map_vid_vidorID.json` mapping a `video` id to its folder path
+    (`{"4010069381": "0000/4010069381"}`), and the videos as `NExTVideo/{path}.mp4` (`media_root`).
+    Without the map file, `{video}.mp4` is used. Question types (`meta["type"]`): CW, CH (causal),
+    TN, TC, TP (temporal), DL, DC, DO (descriptive).
+    """
+
+    def __init__(self, path: str, media_root: str | None = None, video_map: str | None = None,
+                 task: str = "nextqa", require_answer: bool = True):
+        self.path = str(path)
+        self.media_root = media_root if media_root is not None else str(Path(path).parent)
+        default_map = Path(path).parent / "map_vid_vidorID.json"
+        self.video_map = video_map or (str(default_map) if default_map.exists() else None)
+        self.task, self.require_answer = task, require_answer
+
+    def to_sample(self, row: dict[str, str], paths: dict[str, str]) -> Sample:
+        video = str(row["video"])
+        options = [row[f"a{k}"] for k in range(5) if row.get(f"a{k}") not in (None, "")]
+        answer = int(row["answer"]) if str(row.get("answer", "")).strip() else None
+        return multiple_choice_sample(f"{video}_{row['qid']}", self.path, f"{paths.get(video, video)}.mp4",
+                                      row["question"].strip().rstrip("?") + "?", options, answer, self.task,
+                                      {"type": row.get("type")})
+
+    def read(self) -> Iterator[Sample | Skip]:
+        paths = _load_json(self.video_map) if self.video_map else {}
+        with open(self.path, newline="", encoding="utf-8") as f:
+            rows = [(f"line {k + 2}", row) for k, row in enumerate(csv.DictReader(f))]
+        yield from _samples(rows, self.path, lambda row, _: self.to_sample(row, paths), self.require_answer)
+
+
+class EgoSchemaSource:
+    """EgoSchema multiple choice (github.com/egoschema/EgoSchema).
+
+    Layout as published: `questions.json`, a JSON array of
+    `{"q_uid": "...", "google_drive_id": "...", "question": "...", "option 0": "...", ..., "option 4": "..."}`,
+    answers for the public subset in `subset_answers.json` (`{"<q_uid>": 3, ...}`; the other
+    answers are hidden behind the benchmark server), and the videos as `videos/{q_uid}.mp4`
+    (`media_root`). Questions without an answer are skipped when `require_answer`, else become
+    prompt-only samples for `mm15 predict`.
+    """
+
+    def __init__(self, questions: str, answers: str | None = None, media_root: str | None = None,
+                 task: str = "egoschema", require_answer: bool = True):
+        self.questions, self.answers = str(questions), answers
+        self.media_root = media_root if media_root is not None else str(Path(questions).parent / "videos")
+        self.task, self.require_answer = task, require_answer
+
+    def to_sample(self, row: dict[str, Any], answers: dict[str, int]) -> Sample:
+        uid = str(row["q_uid"])
+        options = [row[f"option {k}"] for k in range(5)]
+        answer = answers.get(uid)
+        return multiple_choice_sample(uid, self.questions, f"{uid}.mp4", row["question"], options,
+                                      None if answer is None else int(answer), self.task)
+
+    def read(self) -> Iterator[Sample | Skip]:
+        answers = _load_json(self.answers) if self.answers else {}
+        rows = ((str(r.get("q_uid", f"#{i}")), r) for i, r in enumerate(_load_json(self.questions)))
+        yield from _samples(rows, self.questions, lambda row, _: self.to_sample(row, answers), self.require_answer)
+
+
+class VideoMMESource:
+    """Video-MME multiple choice (video-mme.github.io; data on the Hugging Face hub).
+
+    Layout as published: `videomme/test-00000-of-00001.parquet` with one row per question, columns
+    `video_id, duration, domain, sub_category, url, videoID, question_id, task_type, question,
+    options, answer` (`options` like `["A. ...", "B. ...", "C. ...", "D. ..."]`, `answer` a letter),
+    and the videos as `data/{videoID}.mp4` (`media_root`). Reading parquet needs `pyarrow`; the same
+    rows as JSON/JSONL, or the per-video JSON of the official evaluation script
+    (`[{"video_id", "videoID", "duration", ..., "questions": [{"question_id", ...}]}]`), work without.
+    `meta` keeps duration (short/medium/long), domain and task_type.
+    """
+
+    def __init__(self, path: str, media_root: str | None = None, task: str = "videomme", require_answer: bool = True):
+        self.path = str(path)
+        self.media_root = media_root if media_root is not None else str(Path(path).parent / "data")
+        self.task, self.require_answer = task, require_answer
+
+    def rows(self) -> list[dict[str, Any]]:
+        if self.path.endswith(".parquet"):
+            import pyarrow.parquet as pq  # optional dependency, only for the hub's parquet file
+
+            return pq.read_table(self.path).to_pylist()
+        if self.path.endswith(".jsonl"):
+            return [json.loads(line) for line in Path(self.path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        data = _load_json(self.path)
+        return [{**video, **q} for video in data for q in video["questions"]] if data and "questions" in data[0] else data
+
+    def to_sample(self, row: dict[str, Any]) -> Sample:
+        options = [_OPTION_PREFIX.sub("", str(o)) for o in row["options"]]
+        letter = str(row.get("answer") or "").strip().upper()[:1]
+        answer = string.ascii_uppercase.index(letter) if letter else None
+        video = str(row.get("videoID") or row["video_id"])
+        meta = {k: row.get(k) for k in ("duration", "domain", "task_type")}
+        return multiple_choice_sample(str(row["question_id"]), self.path, f"{video}.mp4", row["question"],
+                                      options, answer, self.task, meta)
+
+    def read(self) -> Iterator[Sample | Skip]:
+        rows = ((str(r.get("question_id", f"#{i}")), r) for i, r in enumerate(self.rows()))
+        yield from _samples(rows, self.path, lambda row, _: self.to_sample(row), self.require_answer)

@@ -19,10 +19,11 @@ frame rate, sparse keyframes).
 
 from __future__ import annotations
 
+import itertools
 import random
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterable, Iterator, Literal
 
 import cv2
 import numpy as np
@@ -37,34 +38,39 @@ SPLIT_SEEDS = {"train": 10, "val": 11, "test": 12}
 Codec = Literal["h264", "mp4v"]
 
 
-def write_video(path: str | Path, frames: np.ndarray, fps: float = 8.0, codec: Codec = "h264",
+def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: float = 8.0, codec: Codec = "h264",
                 lossless: bool = False, gop: int | None = None, rotation: int = 0,
                 times: list[float] | None = None) -> None:
-    """Write (T, H, W, 3) uint8 RGB frames (H, W even for H.264) as an MP4.
+    """Write RGB frames, each (H, W, 3) uint8 (H, W even for H.264), as an MP4. Any iterable works,
+    so long clips can be generated frame by frame.
 
     gop: keyframe interval (H.264). rotation: display-matrix rotation in degrees counter-clockwise
     (H.264). times: per-frame presentation times in seconds, for variable frame rate (H.264).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    frames = iter(frames)
+    first = next(frames)
+    frames = itertools.chain([first], frames)
     if codec == "mp4v":
         if rotation or times is not None:
             raise ValueError("rotation and variable frame rate need codec='h264'")
-        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, frames.shape[2:0:-1])
+        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, first.shape[1::-1])
         for frame in frames:
             writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
         writer.release()
         return
-    _write_h264(path, frames, fps, lossless, gop, rotation, times)
+    _write_h264(path, frames, first.shape[:2], fps, lossless, gop, rotation, times)
 
 
-def _write_h264(path: Path, frames: np.ndarray, fps: float, lossless: bool, gop: int | None,
-                rotation: int, times: list[float] | None) -> None:
+def _write_h264(path: Path, frames: Iterable[np.ndarray], shape: tuple[int, int], fps: float, lossless: bool,
+                gop: int | None, rotation: int, times: list[float] | None) -> None:
     import av
 
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.height, stream.width = shape
+        stream.pix_fmt = "yuv420p"
         stream.options = {"preset": "ultrafast", **({"qp": "0"} if lossless else {"crf": "20"})}
         if gop:
             stream.options.update({"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0"})

@@ -58,11 +58,14 @@ class DecodeSpec:
             core does for a one-crop image) or `stretch` (resize to r x r) [choice: pad].
         folder_fps: frame rate assumed for videos stored as frame folders (for clip windows and
             timestamps).
+        threads: decoder threads per video (1: parallelism comes from the loader workers; 0: FFmpeg
+            decides).
     """
 
     backends: list[Backend] = field(default_factory=lambda: ["decord", "pyav"])
     fit: Literal["pad", "stretch"] = "pad"
     folder_fps: float = 1.0
+    threads: int = 1
 
 
 @dataclass
@@ -96,8 +99,9 @@ def pad_square(frames: np.ndarray, r: int, color: tuple[int, int, int]) -> np.nd
     if (h, w) == (r, r):
         return frames
     out = np.empty((n, r, r, 3), dtype=np.uint8)
-    out[...] = color
     out[:, :h, :w] = frames
+    out[:, h:] = color  # only the margins are filled: this runs once per video in the loader
+    out[:, :h, w:] = color
     return out
 
 
@@ -113,17 +117,17 @@ def _probe(path: str) -> VideoInfo:
         raise ProbeError(f"unreadable container ({type(e).__name__}: {_first_line(e)})") from None
 
 
-def read_decord(path: str, sampling: FrameSampling, r: int, fit: str,
+def read_decord(path: str, sampling: FrameSampling, r: int, spec: DecodeSpec,
                 start: float | None, end: float | None) -> DecodedVideo:
     import decord
 
     info = _probe(path)
     if info.rotation and info.container != "mp4":
         raise RuntimeError(f"rotation {info.rotation} in a {info.container} container (decord's handling unverified)")
-    size = fit_size(info.width, info.height, r, fit)
+    size = fit_size(info.width, info.height, r, spec.fit)
     native = info.rotation != 0  # see the module docstring
     w, h = (-1, -1) if native else size
-    reader = decord.VideoReader(path, width=w, height=h, num_threads=1)
+    reader = decord.VideoReader(path, width=w, height=h, num_threads=spec.threads)
     times = reader.get_frame_timestamp(np.arange(len(reader)))  # (T, 2) start, end seconds
     pick = sample_frame_indices(times[:, 0], float(times[-1, 1]), sampling, start, end)
     frames = reader.get_batch(pick.indices).asnumpy()  # (N, h, w, 3)
@@ -195,7 +199,7 @@ def _decode_targets(container, stream, targets: np.ndarray, keys: np.ndarray, r:
     return out, size
 
 
-def read_pyav(path: str, sampling: FrameSampling, r: int, fit: str,
+def read_pyav(path: str, sampling: FrameSampling, r: int, spec: DecodeSpec,
               start: float | None, end: float | None) -> DecodedVideo:
     import av
 
@@ -205,6 +209,7 @@ def read_pyav(path: str, sampling: FrameSampling, r: int, fit: str,
         if container.format.name.endswith("_pipe") or container.format.name == "image2":
             raise ValueError(f"a still image ({container.format.name}), not a video")
         stream = container.streams.video[0]
+        stream.thread_count = spec.threads
         pts, keys, step, notes = _packet_times(container, stream)
         if len(pts) == 0:
             raise ValueError("no video frames")
@@ -213,7 +218,7 @@ def read_pyav(path: str, sampling: FrameSampling, r: int, fit: str,
         step = step * base or (float(np.median(np.diff(times))) if len(times) > 1 else 0.04)
         pick = sample_frame_indices(times, float(times[-1] + step), sampling, start, end)
         wanted = np.unique(pts[pick.indices])
-        decoded, size = _decode_targets(container, stream, wanted, keys, r, fit)
+        decoded, size = _decode_targets(container, stream, wanted, keys, r, spec.fit)
     if 2 * len(decoded) < len(wanted):
         raise ValueError(f"only {len(decoded)} of {len(wanted)} chosen frames could be decoded")
     frames = _fill_missing([int(pts[i]) for i in pick.indices], decoded, notes)
@@ -242,8 +247,9 @@ def _load_frame(path: Path, r: int, fit: str) -> np.ndarray:
         return np.asarray(im.convert("RGB").resize(size, Image.BILINEAR))
 
 
-def read_frame_folder(path: str, fps: float, sampling: FrameSampling, r: int, fit: str,
+def read_frame_folder(path: str, sampling: FrameSampling, r: int, spec: DecodeSpec,
                       start: float | None, end: float | None) -> DecodedVideo:
+    fps, fit = spec.folder_fps, spec.fit
     files = sorted((p for p in Path(path).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: _natural_key(p.name))
     if not files:
         raise VideoError(f"{path}: frame folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
@@ -289,7 +295,7 @@ class VideoDecoder:
 
     def _decode(self, path: str, start: float | None, end: float | None) -> DecodedVideo:
         if os.path.isdir(path):
-            return read_frame_folder(path, self.spec.folder_fps, self.sampling, self.size, self.spec.fit, start, end)
+            return read_frame_folder(path, self.sampling, self.size, self.spec, start, end)
         if not os.path.exists(path):
             raise VideoError(f"{path}: file not found")
         if os.path.getsize(path) == 0:
@@ -301,7 +307,7 @@ class VideoDecoder:
         for name in self.spec.backends:
             try:
                 read = read_decord if name == "decord" else read_pyav
-                video = read(path, self.sampling, self.size, self.spec.fit, start, end)
+                video = read(path, self.sampling, self.size, self.spec, start, end)
             except WindowError:
                 raise
             except Exception as e:  # noqa: BLE001 - decord raises DECORDError, RuntimeError, IndexError...

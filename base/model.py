@@ -119,10 +119,43 @@ def _load_vision(spec: VisionSpec) -> nn.Module:
     return AutoModel.from_config(cfg)
 
 
-def _load_llm(spec: LLMSpec) -> nn.Module:
+def truncate_vision(vision: nn.Module, spec: VisionSpec) -> VisionSpec:
+    """Drop the encoder layers after `feature_layer` (they would run and never get a gradient).
+
+    Returns the spec to save: the truncated tower's last hidden state is the feature layer (-1).
+    Towers without an `encoder.layers` list are left whole.
+    """
+    encoder = getattr(getattr(vision, "vision_model", vision), "encoder", None)
+    layers = getattr(encoder, "layers", None)
+    if spec.feature_layer >= -1 or not isinstance(layers, nn.ModuleList):
+        return spec
+    keep = len(layers) + 1 + spec.feature_layer
+    encoder.layers = layers[:keep]
+    vision.config.num_hidden_layers = keep
+    return VisionSpec(spec.name_or_path, spec.config and {**spec.config, "num_hidden_layers": keep}, feature_layer=-1)
+
+
+def freeze_unused_vision(vision: nn.Module, feature_layer: int) -> list[str]:
+    """Probe the tower with a 2x2-patch input; parameters that get no gradient (a CLIP
+    `post_layernorm`, a SigLIP pooling `head`) are frozen so DDP/FSDP never wait on them."""
+    size = 2 * vision.config.patch_size
+    out = vision(pixel_values=torch.zeros(1, 3, size, size), output_hidden_states=True, interpolate_pos_encoding=True)
+    out.hidden_states[feature_layer].sum().backward()
+    unused = [n for n, p in vision.named_parameters() if p.requires_grad and p.grad is None]
+    for n, p in vision.named_parameters():
+        p.grad = None
+        if n in unused:
+            p.requires_grad_(False)
+    return unused
+
+
+def _load_llm(spec: LLMSpec, llm_kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """`llm_kwargs` go to `from_pretrained` (e.g. `quantization_config` for QLoRA)."""
     kwargs = {"attn_implementation": spec.attn_implementation}
     if spec.name_or_path:
-        return AutoModelForCausalLM.from_pretrained(spec.name_or_path, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(spec.name_or_path, **kwargs, **(llm_kwargs or {}))
+    if llm_kwargs:
+        raise ValueError(f"{sorted(llm_kwargs)} need a pretrained LLM (`llm.name_or_path`), not a config")
     return AutoModelForCausalLM.from_config(_config(spec), **kwargs)
 
 
@@ -141,9 +174,12 @@ class MM15Model(nn.Module):
         self._is_moe = hasattr(llm.config, "router_aux_loss_coef") or hasattr(llm.config, "output_router_logits")
 
     @classmethod
-    def build(cls, spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, crop_size: int) -> "MM15Model":
+    def build(cls, spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, crop_size: int,
+              llm_kwargs: dict[str, Any] | None = None) -> "MM15Model":
         vision = _load_vision(spec.vision)
-        llm = _load_llm(spec.llm)
+        spec = ModelSpec(truncate_vision(vision, spec.vision), spec.llm, spec.connector, spec.tokenizer)
+        freeze_unused_vision(vision, spec.vision.feature_layer)
+        llm = _load_llm(spec.llm, llm_kwargs)
         if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
             llm.resize_token_embeddings(len(tokenizer))
         vcfg = vision.config
@@ -236,11 +272,12 @@ class MM15Model(nn.Module):
         (d / SPEC_FILE).write_text(json.dumps(meta, indent=2))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> tuple["MM15Model", PreTrainedTokenizerBase, dict[str, Any]]:
+    def from_pretrained(cls, directory: str | Path, llm_kwargs: dict[str, Any] | None = None
+                        ) -> tuple["MM15Model", PreTrainedTokenizerBase, dict[str, Any]]:
         """Load a directory written by `save_pretrained`: (model, tokenizer, preprocessing dict)."""
         spec, crop_size, preprocessing = read_saved_spec(directory)
         tokenizer = load_tokenizer(spec)
-        model = cls.build(spec, tokenizer, crop_size)
+        model = cls.build(spec, tokenizer, crop_size, llm_kwargs)
         model.connector.load_state_dict(load_file(Path(directory) / "connector.safetensors"))
         return model, tokenizer, preprocessing
 

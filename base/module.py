@@ -6,6 +6,12 @@ Variants subclass it one level deep and override named hooks only:
 * `encode_media(batch)`: crops -> LLM-space media features (SlowFast pooling, ...)
 * `compute_metrics(records)`: prediction records -> result rows (UI boxes, video choices, ...)
 * `report(rows)`: print and log the result rows
+* `media_keepalive(batch)`: the zero-valued media pass of text-only batches (see `forward`)
+
+Scale-out (`configs/strategies/`): under Lightning's `ModelParallelStrategy` the module shards
+itself with FSDP2 in `configure_model` (`mm15.base.sharding`); LoRA/DoRA/QLoRA come from
+`mm15.base.adapters`; checkpoints hold only trainable weights when anything is frozen and refuse a
+config they were not trained with (`mm15.base.checkpointing`).
 
 Run it through the CLI (`mm15 fit --config configs/base/demo.yaml`) or directly:
 
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,9 +31,13 @@ from typing import Any, Callable, Iterable
 
 import pytorch_lightning as pl
 import torch
+from safetensors.torch import load_file
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from . import checkpointing as ckpt
+from .adapters import LoraSpec, QuantSpec, apply_lora, check_fingerprint, check_quantization, weight_fingerprint
+from .adapters import load_llm_adapter, read_adapter_meta, read_adapter_spec
 from .connector import tokens_per_crop
 from .metrics import exact_match_by_task, format_table
 from .model import MM15Model, ModelSpec, load_tokenizer, read_saved_spec, vision_config
@@ -69,6 +80,11 @@ class MM15Module(pl.LightningModule):
     learning_rates: per-component learning rates (None: the optimizer's lr).
     freeze: per-component freezing (True: no gradients, weights untouched).
     generation: decoding settings for test and predict.
+    lora: LoRA/DoRA on the LLM (and optionally the tower); the connector trains in full.
+    quantization: QLoRA: the frozen LLM loaded in 4 or 8 bits (CUDA + bitsandbytes only).
+    adapter: an adapter directory from `mm15 export --kind adapter` to start from (its base LLM
+        and tower are used unless `model` names others; a different base is refused).
+    activation_checkpointing: recompute tower and LLM blocks in the backward pass.
     """
 
     preprocess_class: type[PreprocessSpec] = PreprocessSpec
@@ -78,11 +94,15 @@ class MM15Module(pl.LightningModule):
                  scheduler: SchedulerFactory | None = None,
                  learning_rates: Components = Components(),
                  freeze: Components = Components(vision=False, connector=False, llm=False),
-                 generation: GenerationSpec = GenerationSpec()):
+                 generation: GenerationSpec = GenerationSpec(), lora: LoraSpec | None = None,
+                 quantization: QuantSpec | None = None, adapter: str | None = None,
+                 activation_checkpointing: bool = False):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.pretrained = pretrained
-        self.model_spec, crop_size, saved = self._resolve_spec(model, pretrained)
+        self.lora, self.quantization, self.adapter = lora, quantization, adapter
+        self.activation_checkpointing = activation_checkpointing
+        self.model_spec, crop_size, saved = self._resolve_spec(model, pretrained, adapter)
         preprocessing = self._resolve_preprocessing(preprocessing, saved)
         crop_size = preprocessing.split.crop_size
         tokenizer = load_tokenizer(self.model_spec)
@@ -96,12 +116,17 @@ class MM15Module(pl.LightningModule):
         self.model: MM15Model | None = None
         self.records: list[dict[str, Any]] = []
         self._last_step_end: float | None = None
+        self._frozen_fingerprint: dict[str, list[float]] = {}
 
     # ----- construction --------------------------------------------------------------------------
     @staticmethod
-    def _resolve_spec(model: ModelSpec | None, pretrained: str | None) -> tuple[ModelSpec, int, dict]:
+    def _resolve_spec(model: ModelSpec | None, pretrained: str | None, adapter: str | None = None
+                      ) -> tuple[ModelSpec, int, dict]:
         if pretrained:
             return read_saved_spec(pretrained)
+        if adapter:
+            spec, crop_size, saved = read_adapter_spec(adapter)
+            return (model or spec), crop_size, saved
         if model is None:
             raise ValueError("give `model` (the parts) or `pretrained` (an mm15 model directory)")
         return model, 0, {}
@@ -118,15 +143,44 @@ class MM15Module(pl.LightningModule):
         return MM15Processor(tokenizer, preprocessing, per_crop)
 
     def configure_model(self) -> None:
+        """Build (same random init on every rank and on resume), adapt, freeze, then shard under
+        `ModelParallelStrategy` (`self.device_mesh` set) with FSDP2."""
         if self.model is not None:
             return
+        mesh = self._device_mesh
+        if self.quantization is not None:
+            device = self.trainer.strategy.root_device if self._trainer else torch.device("cuda")
+            check_quantization(self.quantization, device, sharded=mesh is not None)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)))
+            self.model = self.build_model()
+        self._frozen_fingerprint = weight_fingerprint(self.model)
+        self.strict_loading = not self._frozen_fingerprint  # trainable-only checkpoints when anything is frozen
+        if mesh is not None:
+            from .sharding import shard_model
+
+            shard_model(self.model, mesh["data_parallel"], precision=str(self.trainer.precision))
+
+    def build_model(self) -> MM15Model:
+        llm_kwargs = {"quantization_config": self.quantization.to_bnb()} if self.quantization else None
         if self.pretrained:
-            self.model = MM15Model.from_pretrained(self.pretrained)[0]
+            model = MM15Model.from_pretrained(self.pretrained, llm_kwargs)[0]
         else:
-            self.model = MM15Model.build(self.model_spec, self.processor.tokenizer, self.processor.spec.split.crop_size)
+            model = MM15Model.build(self.model_spec, self.processor.tokenizer, self.processor.spec.split.crop_size,
+                                    llm_kwargs=llm_kwargs)
+        if self.adapter:
+            model.connector.load_state_dict(load_file(Path(self.adapter) / "connector.safetensors"))
+            model.llm = load_llm_adapter(model.llm, self.adapter, trainable=True)
+        elif self.lora is not None:
+            apply_lora(model, self.lora)
         for name in COMPONENTS:
             if getattr(self.freeze, name):
-                getattr(self.model, name).requires_grad_(False)
+                getattr(model, name).requires_grad_(False)
+        if self.activation_checkpointing:
+            from .sharding import enable_activation_checkpointing
+
+            enable_activation_checkpointing(model)
+        return model
 
     # ----- hooks for variants --------------------------------------------------------------------
     def encode_media(self, batch: dict[str, Any]) -> torch.Tensor | None:
@@ -157,7 +211,22 @@ class MM15Module(pl.LightningModule):
 
     def forward(self, batch: dict[str, Any]) -> Any:
         features = self.media_features(batch)
-        return self.model(batch["input_ids"], batch["attention_mask"], labels=batch.get("labels"), media_features=features)
+        out = self.model(batch["input_ids"], batch["attention_mask"], labels=batch.get("labels"), media_features=features)
+        if features is None:  # text only: still run the tower so every rank issues the same collectives
+            zero = self.media_keepalive(batch)
+            if out.loss is not None:
+                out.loss = out.loss + zero
+        return out
+
+    def media_keepalive(self, batch: dict[str, Any]) -> torch.Tensor:
+        """A zero that depends on every media parameter: tower and connector run on one blank crop.
+
+        Without it a rank holding a text-only batch would skip the tower's FSDP all-gathers and its
+        DDP gradient buckets while another rank runs them, and both would wait forever.
+        Variants whose `encode_media` owns extra parameters override this."""
+        r = self.processor.spec.split.crop_size
+        blank = self.processor.normalize(torch.zeros(1, 3, r, r, dtype=torch.uint8, device=self.device))
+        return self.model.encode_media(blank).sum() * 0.0
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         if not batch.get("size"):
@@ -258,11 +327,43 @@ class MM15Module(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----- checkpoints ---------------------------------------------------------------------------
+    def run_signature(self) -> dict[str, Any]:
+        sig = ckpt.run_signature(self.model_spec, self.lora, self.quantization, self.freeze, self.model)
+        return {**sig, "frozen": self._frozen_fingerprint}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Preprocessing, module class and run signature go with the weights; frozen weights do not."""
         checkpoint["mm15_preprocessing"] = asdict(self.processor.spec)
+        checkpoint["mm15_module_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        checkpoint["mm15_run"] = self.run_signature()
+        frozen = ckpt.frozen_parameter_names(self)
+        if frozen and "state_dict" in checkpoint:
+            checkpoint["state_dict"] = ckpt.drop_frozen(checkpoint["state_dict"], frozen)
+
+    def check_checkpoint(self, checkpoint: dict[str, Any], where: str = "the checkpoint") -> None:
+        """Refuse a checkpoint written by another configuration, naming what differs."""
+        saved = checkpoint.get("mm15_run")
+        if saved is None or self.model is None:
+            return
+        current = self.run_signature()
+        diffs = ckpt.signature_differences({k: v for k, v in saved.items() if k != "frozen"},
+                                           {k: v for k, v in current.items() if k != "frozen"})
+        if diffs:
+            raise ValueError(
+                f"{where} was written by another configuration:\n  " + "\n  ".join(diffs[:20])
+                + "\nUse the config it was trained with (config.yaml beside its logs), or start a new run without "
+                "--ckpt_path."
+            )
+        check_fingerprint(saved["frozen"], current["frozen"], where,
+                          "Frozen weights come from the base model, not the checkpoint: use the same `model` / "
+                          "`pretrained` (and `seed_everything` for random-init parts) as the run that wrote it.")
+        missing = ckpt.trainable_parameter_names(self) - set(checkpoint.get("state_dict", None) or [])
+        if "state_dict" in checkpoint and checkpoint["state_dict"] and missing:
+            raise ValueError(f"{where} lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[:3]})")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Test/predict reuse the preprocessing the checkpoint was trained with."""
+        """Check the checkpoint fits this config; test/predict reuse its preprocessing."""
+        self.check_checkpoint(checkpoint, f"checkpoint {self._trainer.ckpt_path}" if self._trainer else "the checkpoint")
         saved = checkpoint.get("mm15_preprocessing")
         if saved:
             for line in diff_specs(saved, asdict(self.processor.spec)):

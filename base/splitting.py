@@ -93,7 +93,7 @@ def select_grid(width: int, height: int, grids: list[tuple[int, int]], r: int,
     for grid in grids:
         s = _fit_scale(width, height, grid, r)
         canvas = grid[0] * grid[1] * r * r
-        padding = canvas - (width * s) * (height * s)
+        padding = canvas - max(1, round(width * s)) * max(1, round(height * s))  # integer pixels: no float ties
         # Grids that need no downscaling come first (least padding); the others by least downscaling.
         key = (0, padding, grid[0] * grid[1]) if s >= 1.0 else (1, -s, grid[0] * grid[1])
         scored.append((key, grid))

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny random parts saved with `save_pretrained` (so tests load them through the
+same `from_pretrained` path users take), tiny specs, and a shapes dataset on disk."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from mm15.base.connector import ConnectorSpec
+from mm15.base.model import LLMSpec, ModelSpec, VisionSpec
+from mm15.base.processor import PreprocessSpec
+from mm15.base.splitting import SplitSpec
+from mm15.base.tiny import TINY_LLM, TINY_VISION, save_tiny_parts
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_parts(tmp_path_factory):
+    """{"vision", "llm", "tokenizer"} directories of tiny random parts."""
+    return save_tiny_parts(tmp_path_factory.mktemp("tiny_parts"))
+
+
+def tiny_spec(connector: str = "c_abstractor", **llm_overrides) -> ModelSpec:
+    return ModelSpec(
+        vision=VisionSpec(config=dict(TINY_VISION)),
+        llm=LLMSpec(config={**TINY_LLM, **llm_overrides}),
+        connector=ConnectorSpec(kind=connector, num_tokens=4, hidden_size=32, depth=2),
+        tokenizer="tiny",
+    )
+
+
+def tiny_preprocessing(**split) -> PreprocessSpec:
+    return PreprocessSpec(split=SplitSpec(**{"crop_size": 32, "grid_min": 1, "grid_max": 4, **split}), max_length=512)
+
+
+@pytest.fixture
+def spec_factory():
+    return tiny_spec

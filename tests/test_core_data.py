@@ -1,0 +1,114 @@
+"""Bad input: each case gives a message naming the record and file, goes to the quarantine file,
+and the run continues until the error budget is spent."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mm15.base.data import DataErrorBudgetExceeded, MM15DataModule, ProcessedDataset
+from mm15.base.model import load_tokenizer
+from mm15.base.processor import MM15Processor
+from mm15.base.sample import Skip
+from mm15.base.sources import JsonlSource
+from mm15.data_builders.llava import LlavaJsonSource
+
+from conftest import tiny_preprocessing, tiny_spec
+
+
+def _row(i, image="ok.png", user="<image>\nQ?", answer="A", role="gpt"):
+    conv = [{"from": "human", "value": user}]
+    if answer is not None:
+        conv.append({"from": role, "value": answer})
+    return {"id": f"r{i}", "image": image, "conversations": conv}
+
+
+@pytest.fixture
+def media(tmp_path):
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "ok.png")
+    good = (tmp_path / "ok.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(good[: len(good) // 2])
+    (tmp_path / "notimage.png").write_text("hello")
+    return tmp_path
+
+
+def _processor(max_length=512):
+    return MM15Processor(load_tokenizer(tiny_spec()), tiny_preprocessing(), tokens_per_crop=4)
+
+
+def _llava_file(path, rows, extra_lines=()):
+    lines = [json.dumps(r) for r in rows] + list(extra_lines)
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_parse_stage_bad_records_are_named(media):
+    rows = [_row(0), _row(1, answer=None), _row(2, role="robot"), _row(3, user="<image><image> two?"),
+            _row(4, user="no tag", image=None) | {"image": ["ok.png", "ok.png"]}, _row(5, image="../../etc/passwd")]
+    rows[4]["conversations"][0]["value"] = "<image> only one tag"
+    path = _llava_file(media / "train.jsonl", rows, ["{not json"])
+    dm = MM15DataModule(train=[LlavaJsonSource(path)], max_error_fraction=1.0, quarantine_file=str(media / "q.jsonl"))
+    samples = dm.read_split("train")
+    assert [s.id for s in samples] == ["r0"]
+    reasons = {json.loads(l)["record_id"]: json.loads(l)["reason"] for l in open(media / "q.jsonl")}
+    assert "no assistant turn" in reasons["r1"]
+    assert "unknown role 'robot'" in reasons["r2"]
+    assert "2 <image> markers but 1 media items" in reasons["r3"]
+    assert "1 <image> markers but 2 media items" in reasons["r4"]
+    assert "escapes the media root" in reasons["r5"]
+    assert "malformed JSON line" in reasons["line 7"]
+    assert all(json.loads(l)["source"].endswith(("train.jsonl", "")) for l in open(media / "q.jsonl"))
+
+
+@pytest.mark.parametrize("image, reason", [("missing.png", "image file not found"),
+                                           ("truncated.png", "unreadable image"),
+                                           ("notimage.png", "unreadable image")])
+def test_load_stage_bad_media_become_skips(media, image, reason):
+    path = _llava_file(media / "d.jsonl", [_row(0, image=image)])
+    samples = MM15DataModule(train=[LlavaJsonSource(path)]).read_split("train")
+    item = ProcessedDataset(samples, _processor(), generate=False)[0]
+    assert isinstance(item, Skip) and item.record_id == "r0" and reason in item.reason and image in item.reason
+
+
+def test_too_long_sample_is_a_counted_skip(media):
+    path = _llava_file(media / "d.jsonl", [_row(0, answer="x" * 600)])
+    samples = MM15DataModule(train=[LlavaJsonSource(path)]).read_split("train")
+    item = ProcessedDataset(samples, _processor(), generate=False)[0]
+    assert isinstance(item, Skip) and "exceeds max_length 512" in item.reason
+
+
+def test_error_budget_stops_with_summary(media):
+    rows = [_row(i) for i in range(15)] + [_row(100 + i, answer=None) for i in range(5)]
+    path = _llava_file(media / "d.jsonl", rows)
+    dm = MM15DataModule(train=[LlavaJsonSource(path)], max_error_fraction=0.1, min_samples_for_budget=10,
+                        quarantine_file=str(media / "q.jsonl"))
+    with pytest.raises(DataErrorBudgetExceeded, match=r"5 of 20 samples skipped \(25.0% > budget 10.0%\)"):
+        dm.read_split("train")
+    assert sum(1 for _ in open(media / "q.jsonl")) == 5
+
+
+def test_loader_skips_are_quarantined_and_the_batch_continues(media):
+    path = _llava_file(media / "d.jsonl", [_row(0), _row(1, image="missing.png"), _row(2)])
+    dm = MM15DataModule(train=[LlavaJsonSource(path)], batch_size=3, max_error_fraction=0.5, min_samples_for_budget=1,
+                        quarantine_file=str(media / "q.jsonl"))
+    dm.samples["train"] = dm.read_split("train")
+    dm.processor = _processor()
+    batch = dm.on_before_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    assert batch["size"] == 2 and "skipped" not in batch
+    assert json.loads(open(media / "q.jsonl").read())["record_id"] == "r1"
+
+
+def test_canonical_jsonl_round_trip_and_malformed_lines(media):
+    from mm15.base.sample import Media, Sample, Turn
+    from mm15.base.sources import write_jsonl
+
+    s = Sample("c1", [Turn("user", "<image> at <bbox_location0>?", boxes=[[1, 2, 3, 4]]), Turn("assistant", "x")],
+               [Media("ok.png")], task="t", meta={"num_choices": 4})
+    write_jsonl([s], media / "c.jsonl")
+    with open(media / "c.jsonl", "a") as f:
+        f.write("[1, 2]\n{\"id\": 7}\n")
+    items = list(JsonlSource(str(media / "c.jsonl")).read())
+    assert items[0].turns[0].boxes == [[1, 2, 3, 4]] and items[0].meta == {"num_choices": 4}
+    assert isinstance(items[1], Skip) and "expected a JSON object" in items[1].reason
+    assert isinstance(items[2], Skip) and "malformed canonical record" in items[2].reason

@@ -1,0 +1,85 @@
+"""Processor contracts: assistant-only labels, media blocks, regions, length skips, batching."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mm15.base.model import load_tokenizer
+from mm15.base.processor import IGNORE_INDEX, MM15Processor
+from mm15.base.sample import Media, Sample, SampleError, Turn
+
+from conftest import tiny_preprocessing, tiny_spec
+
+
+@pytest.fixture
+def processor():
+    return MM15Processor(load_tokenizer(tiny_spec()), tiny_preprocessing(), tokens_per_crop=4)
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "img.png"
+    Image.fromarray(np.full((32, 64, 3), 200, np.uint8)).save(path)  # 64 wide, 32 high
+    return str(path)
+
+
+def _sample(image, turns=None):
+    turns = turns or [Turn("user", "<image>\nWhat colour?"), Turn("assistant", "grey")]
+    return Sample("s1", turns, [Media(image)])
+
+
+def test_labels_cover_only_assistant_replies(processor, image):
+    sample = _sample(image, [Turn("user", "<image>\nQ1"), Turn("assistant", "A1"),
+                             Turn("user", "Q2"), Turn("assistant", "A2")])
+    item = processor(sample)
+    tok = processor.tokenizer
+    labelled = item["labels"][item["labels"] != IGNORE_INDEX]
+    assert tok.decode(labelled) == "A1<|im_end|>\nA2<|im_end|>\n"
+    assert "Q1" in tok.decode(item["input_ids"]) and (item["labels"][item["input_ids"] == processor.image_token_id] == IGNORE_INDEX).all()
+
+
+def test_media_block_index_indicators_and_counts(processor, image):
+    item = processor(_sample(image))
+    # 64x32 with grids 1..4 at r=32 -> 1x2 grid + overview = 3 crops, 4 tokens each
+    assert item["pixel_values"].shape == (3, 3, 32, 32) and item["pixel_values"].dtype == torch.uint8
+    assert int((item["input_ids"] == processor.image_token_id).sum()) == 3 * 4
+    text = processor.tokenizer.decode(item["input_ids"])
+    assert text.index("(1,1,1)") < text.index("(1,1,2)") < text.index("(1,0,0)")
+
+
+def test_three_images_are_not_split(processor, image):
+    sample = Sample("m", [Turn("user", "<image><image><image> same?"), Turn("assistant", "yes")], [Media(image)] * 3)
+    assert processor(sample)["pixel_values"].shape[0] == 3
+
+
+def test_generate_mode_drops_answer_and_keeps_it_as_reference(processor, image):
+    item = processor(_sample(image), generate=True)
+    assert item["answer"] == "grey"
+    assert processor.tokenizer.decode(item["input_ids"]).endswith("<|im_start|>assistant\n")
+    assert (item["labels"] == IGNORE_INDEX).all()
+
+
+def test_regions_render_on_the_1000_canvas(processor, image):
+    sample = _sample(image, [Turn("user", "<image>\nWhat is at <bbox_location0>?", boxes=[[16, 8, 32, 16]]),
+                             Turn("assistant", "It is at <bbox_location0>.", boxes=[[16, 8, 32, 16]])])
+    processor.spec.boxes.point_ratio = 0.0
+    text = processor.tokenizer.decode(processor(sample)["input_ids"])
+    assert text.count("[250, 250, 500, 500]") == 2 and "Bounding box" in text
+
+
+def test_too_long_sample_is_refused_not_truncated(processor, image):
+    processor.spec.max_length = 20
+    with pytest.raises(SampleError, match=r"record 's1'.*tokens .*12 media tokens in 3 crops.*exceeds max_length 20"):
+        processor(_sample(image))
+
+
+def test_collate_pads_right_for_training_left_for_generation(processor, image):
+    a = processor(_sample(image))
+    b = processor(_sample(image, [Turn("user", "<image>\nlonger question here"), Turn("assistant", "x")]))
+    right = processor.collate([a, b])
+    left = processor.collate([a, b], padding_side="left")
+    pad = processor.tokenizer.pad_token_id
+    assert right["input_ids"].shape == left["input_ids"].shape
+    assert right["attention_mask"][0, 0] == 1 and left["attention_mask"][0, 0] == 0
+    assert left["input_ids"][0, 0] == pad and right["pixel_values"].shape[0] == 6

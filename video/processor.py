@@ -1,0 +1,118 @@
+"""MM1.5-Video processor: a video becomes its sampled frames, each one crop (no splitting).
+
+Everything else (chat template, labels, images, batching) is `mm15.base.processor.MM15Processor`;
+only the `load_media` hook differs. A video's text block is one `<image>` per frame, each expanded
+to `tokens_per_crop` placeholders (the core's single count function): 24 frames x 144 = 3456
+tokens. With `timestamps` on, each frame's marker is preceded by its time ("2.5s<image>").
+With SlowFast pooling the block is two markers, slow and fast, whose counts come from
+`mm15.video.pooling.slowfast_token_count`.
+
+    spec = VideoPreprocessSpec(split=SplitSpec(crop_size=378, mode="none"))
+    processor = VideoProcessor(tokenizer, spec, tokens_per_crop=144)
+    item = processor(sample)   # item["pixel_values"]: (24, 3, 378, 378) uint8
+    item["media_info"][0]      # {"kind": "video", "crops": 24, "backend": "decord", "notes": [...]}
+
+A video that cannot be used raises `SampleError` naming the record, the file and the reason; the
+data module turns it into a quarantine entry. Which backend served it, and any fallback or
+clamping, is in `media_info` (counted and logged by `mm15.video.module`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mm15.base.processor import IGNORE_INDEX, MediaBlock, MM15Processor, PreprocessSpec
+from mm15.base.sample import IMAGE_TOKEN, Media, Sample
+
+from .decoding import DecodedVideo, DecodeSpec, VideoDecoder, VideoError
+from .pooling import SlowFastSpec, slowfast_token_count
+from .sampling import FrameSampling
+
+
+@dataclass
+class VideoSpec:
+    """How videos become frames and text (saved with checkpoints as part of the preprocessing).
+
+    Args:
+        sampling: which frames (N = 24 uniform by default).
+        decode: backends, fit, frame-folder rate. Frames are `split.crop_size` pixels square:
+            set it to the vision encoder's base resolution for video runs [choice, MM1.5 does not
+            publish the frame resolution].
+        timestamps: write each frame's time before its marker [off by default].
+        timestamp_format: the text of a time, `{t}` in seconds [choice].
+        slowfast: SlowFast token pooling on the connector output (training-free use); None: off.
+    """
+
+    sampling: FrameSampling = field(default_factory=FrameSampling)
+    decode: DecodeSpec = field(default_factory=DecodeSpec)
+    timestamps: bool = False
+    timestamp_format: str = "{t:.1f}s"
+    slowfast: SlowFastSpec | None = None
+
+
+@dataclass
+class VideoPreprocessSpec(PreprocessSpec):
+    """The core preprocessing spec plus `video` (a core checkpoint's spec loads with video defaults)."""
+
+    video: VideoSpec = field(default_factory=VideoSpec)
+
+
+class VideoProcessor(MM15Processor):
+    def __init__(self, tokenizer: Any, spec: VideoPreprocessSpec, tokens_per_crop: int):
+        super().__init__(tokenizer, spec, tokens_per_crop)
+        if spec.video.timestamps and spec.video.slowfast is not None:
+            raise ValueError("video.timestamps needs one marker per frame; it cannot be combined with video.slowfast")
+        self._decoder: VideoDecoder | None = None
+        self._decoder_spec: VideoPreprocessSpec | None = None
+        self._marker_counts: list[int] = []
+
+    @property
+    def decoder(self) -> VideoDecoder:
+        """Rebuilt when the spec object is replaced (a checkpoint's spec is loaded)."""
+        if self._decoder is None or self._decoder_spec is not self.spec:
+            v, split = self.spec.video, self.spec.split
+            self._decoder = VideoDecoder(v.decode, v.sampling, split.crop_size, split.pad_color)
+            self._decoder_spec = self.spec
+        return self._decoder
+
+    def load_media(self, sample: Sample, index: int, media: Media) -> MediaBlock:
+        if media.kind != "video":
+            block = super().load_media(sample, index, media)
+            block.info.update(kind="image", crops=len(block.crops))
+            self._marker_counts += [self.tokens_per_crop] * block.text.count(IMAGE_TOKEN)
+            return block
+        try:
+            video = self.decoder.decode(media.path, media.start, media.end)
+        except VideoError as e:
+            raise sample.error(str(e)) from None
+        text, counts = self.video_text(video)
+        self._marker_counts += counts
+        info = {"kind": "video", "crops": len(video.frames), "backend": video.backend, "notes": video.notes,
+                "path": media.path, "frame_indices": video.indices}
+        return MediaBlock(video.frames, text, video.size, info)
+
+    def video_text(self, video: DecodedVideo) -> tuple[str, list[int]]:
+        """The text block of one video and the placeholder count of each of its markers."""
+        n, v = len(video.frames), self.spec.video
+        if v.slowfast is not None:
+            return IMAGE_TOKEN * 2, list(slowfast_token_count(n, self.tokens_per_crop, v.slowfast))
+        if v.timestamps:
+            return "".join(v.timestamp_format.format(t=t) + IMAGE_TOKEN for t in video.timestamps), [self.tokens_per_crop] * n
+        return IMAGE_TOKEN * n, [self.tokens_per_crop] * n
+
+    # Interim, until the core takes per-marker counts (.notes/video_requests.md, request 1): the
+    # counts recorded by `load_media` during this call decide how far each `<image>` expands.
+    def __call__(self, sample: Sample, generate: bool = False) -> dict[str, Any]:
+        self._marker_counts = []
+        return super().__call__(sample, generate)
+
+    def expand_placeholders(self, ids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        is_media = ids == self.image_token_id
+        if int(is_media.sum()) != len(self._marker_counts):
+            raise ValueError(f"{int(is_media.sum())} media markers in the text but {len(self._marker_counts)} counted")
+        repeats = np.ones(len(ids), dtype=np.int64)
+        repeats[is_media] = self._marker_counts
+        return np.repeat(ids, repeats), np.repeat(np.where(is_media, IGNORE_INDEX, labels), repeats)

@@ -1,0 +1,133 @@
+"""MM15VideoModule: training-free evaluation of a saved core model, `fit` refused in that mode,
+SFT with the core's freezing / LoRA, SlowFast pooling through generation, backend counting."""
+
+import json
+import logging
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+pytest.importorskip("decord")
+
+from mm15.base.adapters import LoraSpec  # noqa: E402
+from mm15.base.data import MM15DataModule  # noqa: E402
+from mm15.base.module import Components, GenerationSpec, MM15Module  # noqa: E402
+from mm15.base.splitting import SplitSpec  # noqa: E402
+from mm15.data_builders.synthetic_video import SyntheticVideoSource  # noqa: E402
+from mm15.video.module import MM15VideoModule, TrainingFreeFitError  # noqa: E402
+from mm15.video.pooling import SlowFastSpec  # noqa: E402
+from mm15.video.processor import VideoPreprocessSpec, VideoSpec  # noqa: E402
+from mm15.video.sampling import FrameSampling  # noqa: E402
+
+from conftest import tiny_preprocessing, tiny_spec  # noqa: E402
+
+
+def video_preprocessing(frames=4, **video) -> VideoPreprocessSpec:
+    return VideoPreprocessSpec(split=SplitSpec(crop_size=32, mode="none"), max_length=512,
+                               video=VideoSpec(sampling=FrameSampling(frames), **video))
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moving")
+    source = SyntheticVideoSource(str(root), split="test", num_samples=6, size=32, num_frames=9)
+    source.prepare()
+    return root
+
+
+def trainer(tmp_path, **kw) -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=str(tmp_path), **kw)
+
+
+def data(clips, **kw) -> MM15DataModule:
+    source = SyntheticVideoSource(str(clips), split="test", num_samples=6, size=32, num_frames=9)
+    return MM15DataModule(train=[source], val=[source], test=[source], batch_size=3, **kw)
+
+
+@pytest.fixture(scope="module")
+def core_model(tmp_path_factory):
+    """A saved core (image) model directory, as `mm15 fit --save_model` writes it."""
+    torch.manual_seed(0)
+    core = MM15Module(model=tiny_spec(), preprocessing=tiny_preprocessing())
+    core.configure_model()
+    directory = tmp_path_factory.mktemp("core") / "model"
+    core.save_model(directory)
+    return str(directory)
+
+
+def test_training_free_test_on_a_saved_core_model(core_model, clips, tmp_path, capsys):
+    module = MM15VideoModule(pretrained=core_model, mode="training_free", preprocessing=video_preprocessing(),
+                             generation=GenerationSpec(max_new_tokens=3))
+    trainer(tmp_path).test(module, data(clips), verbose=False)
+    out = capsys.readouterr().out
+    assert "test results" in out and "direction" in out and "videos decoded by backend: decord: 6" in out
+    records = [json.loads(line) for line in (tmp_path / "test_predictions.jsonl").read_text().splitlines()]
+    assert len(records) == 6 and all(r["meta"]["choices"] == ["left", "right", "up", "down"] for r in records)
+
+
+def test_core_preprocessing_loads_with_video_defaults(core_model):
+    module = MM15VideoModule(pretrained=core_model, mode="training_free")
+    spec = module.processor.spec
+    assert isinstance(spec, VideoPreprocessSpec) and spec.video.sampling.num_frames == 24
+    assert spec.split.crop_size == 32  # the core model's, kept
+
+
+def test_fit_in_training_free_mode_stops_before_any_data_work(core_model, clips, tmp_path):
+    prepared = []
+    dm = data(clips)
+    dm.prepare_data = lambda: prepared.append(True)
+    module = MM15VideoModule(pretrained=core_model, mode="training_free", preprocessing=video_preprocessing())
+    with pytest.raises(TrainingFreeFitError, match="training_free.*nothing to fit"):
+        trainer(tmp_path, max_steps=1).fit(module, dm)
+    assert prepared == []
+
+
+def test_sft_trains_with_core_freezing_and_learning_rates(clips, tmp_path):
+    torch.manual_seed(0)
+    module = MM15VideoModule(model=tiny_spec(), preprocessing=video_preprocessing(), mode="sft",
+                             freeze=Components(vision=True, connector=False, llm=False),
+                             learning_rates=Components(connector=1e-3))
+    module.configure_model()
+    vision = {n: p.detach().clone() for n, p in module.model.vision.named_parameters()}
+    llm = {n: p.detach().clone() for n, p in module.model.llm.named_parameters()}
+    trainer(tmp_path, max_steps=2, limit_val_batches=0).fit(module, data(clips))
+    assert all(torch.equal(p, vision[n]) for n, p in module.model.vision.named_parameters())
+    assert any(not torch.equal(p, llm[n]) for n, p in module.model.llm.named_parameters())
+    assert module.backend_counts["decord"] >= 6
+
+
+def test_sft_with_lora_trains_adapters_only(clips, tmp_path):
+    module = MM15VideoModule(model=tiny_spec(), preprocessing=video_preprocessing(), lora=LoraSpec(r=4, alpha=8),
+                             freeze=Components(vision=True, connector=False, llm=False))
+    module.configure_model()
+    trainable = {n.split(".")[0] for n, p in module.model.named_parameters() if p.requires_grad}
+    lora_only = all("lora_" in n for n, p in module.model.llm.named_parameters() if p.requires_grad)
+    assert trainable == {"connector", "llm"} and lora_only
+    trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, data(clips))
+
+
+def test_slowfast_generation_runs_with_matching_placeholders(core_model, clips, tmp_path, caplog):
+    slowfast = SlowFastSpec(slow_frames=2, fast_grid=1)
+    module = MM15VideoModule(pretrained=core_model, mode="training_free", generation=GenerationSpec(max_new_tokens=2),
+                             preprocessing=video_preprocessing(frames=6, slowfast=slowfast))
+    with caplog.at_level(logging.ERROR):
+        trainer(tmp_path).test(module, data(clips), verbose=False)
+    records = (tmp_path / "test_predictions.jsonl").read_text().splitlines()
+    assert len(records) == 6  # no sample skipped: 2 x 4 slow + 6 x 1 fast placeholders = features
+
+
+def test_fallback_and_notes_are_recorded(clips, tmp_path, monkeypatch):
+    from mm15.video import decoding
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("decord cannot open this")
+
+    monkeypatch.setattr(decoding, "read_decord", broken)
+    module = MM15VideoModule(model=tiny_spec(), preprocessing=video_preprocessing(),
+                             generation=GenerationSpec(max_new_tokens=1))
+    trainer(tmp_path).test(module, data(clips), verbose=False)
+    assert module.backend_counts == {"pyav": 6, "fallback": 6}
+    notes = [json.loads(line) for line in (tmp_path / "video_notes.jsonl").read_text().splitlines()]
+    assert len(notes) == 6 and "decord cannot open this" in notes[0]["notes"][0]

@@ -67,11 +67,13 @@ def test_training_free_test_on_a_saved_core_model(core_model, clips, tmp_path, c
     assert len(records) == 6 and all(r["meta"]["choices"] == ["left", "right", "up", "down"] for r in records)
 
 
-def test_core_preprocessing_loads_with_video_defaults(core_model):
+def test_core_preprocessing_loads_with_video_defaults_or_the_given_video_part(core_model):
     module = MM15VideoModule(pretrained=core_model, mode="training_free")
     spec = module.processor.spec
     assert isinstance(spec, VideoPreprocessSpec) and spec.video.sampling.num_frames == 24
     assert spec.split.crop_size == 32  # the core model's, kept
+    module = MM15VideoModule(pretrained=core_model, mode="training_free", video=VideoSpec(sampling=FrameSampling(6)))
+    assert module.processor.spec.video.sampling.num_frames == 6 and module.processor.spec.split.crop_size == 32
 
 
 def test_fit_in_training_free_mode_stops_before_any_data_work(core_model, clips, tmp_path):

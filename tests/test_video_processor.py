@@ -107,7 +107,7 @@ def test_slowfast_pathways_keep_slow_detail_and_pool_fast():
 
 def test_timestamps_and_slowfast_are_exclusive():
     with pytest.raises(ValueError, match="timestamps"):
-        processor(timestamps=True, slowfast=SlowFastSpec())
+        VideoSpec(timestamps=True, slowfast=SlowFastSpec())
 
 
 def test_bad_videos_go_to_quarantine_and_the_run_continues(clip, tmp_path):

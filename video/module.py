@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,7 +36,7 @@ from mm15.base.specs import from_dict
 
 from .metrics import video_qa_metrics
 from .pooling import pool_batch
-from .processor import VideoPreprocessSpec, VideoProcessor
+from .processor import VideoPreprocessSpec, VideoProcessor, VideoSpec
 
 
 class TrainingFreeFitError(RuntimeError):
@@ -47,13 +47,18 @@ class MM15VideoModule(MM15Module):
     """`MM15Module` for video. Args: those of `MM15Module`, with `preprocessing` a
     `VideoPreprocessSpec` (its `video` part: sampling, decoding, timestamps, SlowFast), plus
     mode: `sft` (train) or `training_free` (evaluate a core model as is; `fit` refuses).
+    video: the video part of the preprocessing, put on top of `preprocessing` or, without it, of the
+        pretrained model's saved preprocessing (training-free runs keep the core model's resolution
+        and template and only say how to sample frames).
     """
 
     preprocess_class = VideoPreprocessSpec
 
     def __init__(self, *args: Any, mode: Literal["training_free", "sft"] = "sft",
-                 preprocessing: VideoPreprocessSpec | None = None, **kwargs: Any):
+                 preprocessing: VideoPreprocessSpec | None = None, video: VideoSpec | None = None, **kwargs: Any):
         super().__init__(*args, preprocessing=preprocessing, **kwargs)
+        if video is not None:
+            self.processor.spec = replace(self.processor.spec, video=video)
         self.mode = mode
         self.backend_counts: Counter[str] = Counter()
 

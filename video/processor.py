@@ -52,6 +52,10 @@ class VideoSpec:
     timestamp_format: str = "{t:.1f}s"
     slowfast: SlowFastSpec | None = None
 
+    def __post_init__(self) -> None:
+        if self.timestamps and self.slowfast is not None:
+            raise ValueError("video.timestamps needs one marker per frame; it cannot be combined with video.slowfast")
+
 
 @dataclass
 class VideoPreprocessSpec(PreprocessSpec):
@@ -63,8 +67,6 @@ class VideoPreprocessSpec(PreprocessSpec):
 class VideoProcessor(MM15Processor):
     def __init__(self, tokenizer: Any, spec: VideoPreprocessSpec, tokens_per_crop: int):
         super().__init__(tokenizer, spec, tokens_per_crop)
-        if spec.video.timestamps and spec.video.slowfast is not None:
-            raise ValueError("video.timestamps needs one marker per frame; it cannot be combined with video.slowfast")
         self._decoder: VideoDecoder | None = None
         self._decoder_spec: VideoPreprocessSpec | None = None
         self._marker_counts: list[int] = []

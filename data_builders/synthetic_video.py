@@ -20,6 +20,7 @@ frame rate, sparse keyframes).
 from __future__ import annotations
 
 import itertools
+import json
 import random
 from fractions import Fraction
 from pathlib import Path
@@ -87,10 +88,10 @@ def _write_h264(path: Path, frames: Iterable[np.ndarray], shape: tuple[int, int]
 
 
 def make_clip(rng: random.Random, direction: str, size: int = 64, num_frames: int = 15,
-              step: float | None = None) -> np.ndarray:
-    """(T, size, size, 3) uint8 frames of one clip. The appearance and the middle frame depend on
-    `rng` only; `direction` changes the other frames."""
-    step = size / 8 if step is None else step  # pixels per frame
+              speed: float = 0.125) -> np.ndarray:
+    """(T, size, size, 3) uint8 frames of one clip, moving `speed` x `size` pixels per frame. The
+    appearance and the middle frame depend on `rng` only; `direction` changes the other frames."""
+    step = speed * size  # pixels per frame
     grey = rng.randint(20, 80)
     colour, shape = COLOURS[rng.choice(list(COLOURS))], rng.choice(SHAPES)
     radius = rng.randint(size // 8, size // 6)
@@ -108,13 +109,13 @@ def make_clip(rng: random.Random, direction: str, size: int = 64, num_frames: in
 
 
 def build_split(root: Path, split: str, num_samples: int, seed: int, size: int, num_frames: int,
-                fps: float, codec: Codec) -> list[Sample]:
+                speed: float, fps: float, codec: Codec) -> list[Sample]:
     rng = random.Random(seed)
     samples = []
     for n in range(num_samples):
         direction = rng.choice(list(DIRECTIONS))
         rel = f"{split}/{n:05d}.mp4"
-        clip = make_clip(random.Random(rng.random()), direction, size, num_frames)
+        clip = make_clip(random.Random(rng.random()), direction, size, num_frames, speed)
         write_video(root / rel, clip, fps, codec, lossless=True)
         turns = [Turn("user", f"{IMAGE_TOKEN}\n{QUESTION}"), Turn("assistant", direction)]
         samples.append(Sample(f"{split}-{n:05d}", turns, [Media(rel, kind="video")], task="direction",
@@ -129,14 +130,17 @@ class SyntheticVideoSource:
     num_samples: clips in this split.
     size: frame side in pixels (even). num_frames: frames per clip (odd, so there is one middle
         frame; 15 = 1 + 7 * 2 lets 8 uniform samples land every second frame). fps: clip rate.
+    speed: motion per frame as a fraction of the frame side (keep it under 1/2 per *sampled*
+        frame, or wrapping around makes the direction ambiguous).
     codec: `h264` (PyAV, lossless) or `mp4v` (OpenCV).
     """
 
     def __init__(self, root: str, split: str = "train", num_samples: int = 800, size: int = 64,
-                 num_frames: int = 15, fps: float = 8.0, codec: Codec = "h264", seed: int | None = None):
+                 num_frames: int = 15, speed: float = 0.125, fps: float = 8.0, codec: Codec = "h264",
+                 seed: int | None = None):
         self.root = Path(root)
         self.split, self.num_samples = split, num_samples
-        self.size, self.num_frames, self.fps, self.codec = size, num_frames, fps, codec
+        self.size, self.num_frames, self.speed, self.fps, self.codec = size, num_frames, speed, fps, codec
         self.seed = SPLIT_SEEDS.get(split, 13) if seed is None else seed
         self.media_root = str(self.root)
 
@@ -144,11 +148,19 @@ class SyntheticVideoSource:
     def path(self) -> Path:
         return self.root / f"{self.split}.jsonl"
 
+    def params(self) -> dict:
+        return {"num_samples": self.num_samples, "seed": self.seed, "size": self.size, "num_frames": self.num_frames,
+                "speed": self.speed, "fps": self.fps, "codec": self.codec}
+
     def prepare(self) -> None:
-        if not self.path.exists():
-            samples = build_split(self.root, self.split, self.num_samples, self.seed, self.size,
-                                  self.num_frames, self.fps, self.codec)
-            write_jsonl(samples, self.path)
+        """Generate the split unless it exists with the same parameters (then it is reused)."""
+        stamp = self.root / f"{self.split}.params.json"
+        if self.path.exists() and stamp.exists() and json.loads(stamp.read_text()) == self.params():
+            return
+        samples = build_split(self.root, self.split, self.num_samples, self.seed, self.size,
+                              self.num_frames, self.speed, self.fps, self.codec)
+        write_jsonl(samples, self.path)
+        stamp.write_text(json.dumps(self.params()))
 
     def read(self) -> Iterator[Sample | Skip]:
         self.prepare()

@@ -70,6 +70,12 @@ class MediaBlock:
     text: str
     size: tuple[int, int]  # (width, height) of the original image / frame
     info: dict[str, Any] = field(default_factory=dict)
+    # Placeholder tokens per `<image>` marker of `text`, in order. None: `tokens_per_crop` each (one
+    # marker per crop). Variants that reshape features (video SlowFast pooling) set their counts.
+    placeholders: list[int] | None = None
+
+    def counts(self, tokens_per_crop: int) -> list[int]:
+        return self.placeholders if self.placeholders is not None else [tokens_per_crop] * self.text.count(IMAGE_TOKEN)
 
 
 def load_rgb(path: str, sample: Sample) -> np.ndarray:
@@ -114,13 +120,15 @@ class MM15Processor:
                 parts.append(IMAGE_TOKEN + sep)
         return "".join(parts)
 
-    def build_messages(self, sample: Sample, blocks: list[MediaBlock]) -> list[dict[str, str]]:
-        """Turns -> chat messages with media blocks and region text substituted."""
+    def build_messages(self, sample: Sample, blocks: list[MediaBlock], has_regions: bool | None = None) -> list[dict[str, str]]:
+        """Turns -> chat messages with media blocks and region text substituted. `has_regions` is
+        decided on the full sample (a grounding answer's boxes count even when generating)."""
         rng = random.Random(f"{self.spec.seed}:{sample.id}")
         size = blocks[0].size if blocks else None
         texts = iter(b.text for b in blocks)
         messages = []
-        has_regions = any(t.boxes for t in sample.turns)
+        if has_regions is None:
+            has_regions = any(t.boxes for t in sample.turns)
         system = self.spec.system_prompt or (self.spec.boxes.prompt() if has_regions else None)
         if system and sample.turns[0].role != "system":
             messages.append({"role": "system", "content": system})
@@ -150,16 +158,18 @@ class MM15Processor:
     def __call__(self, sample: Sample, generate: bool = False) -> dict[str, Any]:
         """Raises `SampleError` (naming record and file) for anything that makes the sample unusable."""
         answer = sample.answer
+        has_regions = any(t.boxes for t in sample.turns)  # same system prompt in training and generation
         if generate and sample.turns[-1].role == "assistant":
             sample = sample.prompt_only()
         blocks = [self.load_media(sample, k, m) for k, m in enumerate(sample.media)]
-        messages = self.build_messages(sample, blocks)
+        messages = self.build_messages(sample, blocks, has_regions)
         ids, labels = self.tokenize(messages, generate, sample)
-        ids, labels = self.expand_placeholders(ids, labels)
+        counts = [c for b in blocks for c in b.counts(self.tokens_per_crop)]
+        ids, labels = self.expand_placeholders(ids, labels, counts, sample)
         n_crops = sum(len(b.crops) for b in blocks)
         if len(ids) > self.spec.max_length:
             raise sample.error(
-                f"sequence of {len(ids)} tokens ({n_crops * self.tokens_per_crop} media tokens in {n_crops} crops) "
+                f"sequence of {len(ids)} tokens ({sum(counts)} media tokens in {n_crops} crops) "
                 f"exceeds max_length {self.spec.max_length}; skipped, not truncated"
             )
         r = self.spec.split.crop_size
@@ -201,10 +211,14 @@ class MM15Processor:
         ids.extend(new)
         labels.extend(new if target else [IGNORE_INDEX] * len(new))
 
-    def expand_placeholders(self, ids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Each `<image>` id -> `tokens_per_crop` copies (labels ignored there)."""
+    def expand_placeholders(self, ids: np.ndarray, labels: np.ndarray, counts: list[int],
+                            sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+        """The k-th `<image>` id -> `counts[k]` copies (labels ignored there)."""
         is_media = ids == self.image_token_id
-        repeats = np.where(is_media, self.tokens_per_crop, 1)
+        if int(is_media.sum()) != len(counts):
+            raise sample.error(f"{int(is_media.sum())} <image> tokens after templating but {len(counts)} media markers")
+        repeats = np.ones_like(ids)
+        repeats[is_media] = counts
         labels = np.where(is_media, IGNORE_INDEX, labels)
         return np.repeat(ids, repeats), np.repeat(labels, repeats)
 
@@ -213,7 +227,8 @@ class MM15Processor:
         """(C, 3, r, r) uint8 -> normalised float, on whatever device the batch is on."""
         mean = torch.tensor(self.spec.image_mean, device=pixel_values.device, dtype=dtype).view(1, 3, 1, 1)
         std = torch.tensor(self.spec.image_std, device=pixel_values.device, dtype=dtype).view(1, 3, 1, 1)
-        return (pixel_values.to(dtype) / 255.0 - mean) / std
+        # (x / 255 - mean) / std as one multiply-add on a single temporary
+        return pixel_values.to(dtype).mul_(1.0 / (255.0 * std)).add_(-mean / std)
 
     def collate(self, items: list[dict[str, Any] | Skip], padding_side: str = "right") -> dict[str, Any]:
         skipped = [x for x in items if isinstance(x, Skip)]

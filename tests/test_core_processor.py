@@ -83,3 +83,26 @@ def test_collate_pads_right_for_training_left_for_generation(processor, image):
     assert right["input_ids"].shape == left["input_ids"].shape
     assert right["attention_mask"][0, 0] == 1 and left["attention_mask"][0, 0] == 0
     assert left["input_ids"][0, 0] == pad and right["pixel_values"].shape[0] == 6
+
+
+def test_grounding_prompt_has_the_same_system_prompt_when_generating(processor, image):
+    sample = _sample(image, [Turn("user", "<image>\nWhere is the button?"),
+                             Turn("assistant", "<bbox_location0>", boxes=[[0, 0, 10, 10]])])
+    train = processor.tokenizer.decode(processor(sample)["input_ids"])
+    gen = processor.tokenizer.decode(processor(sample, generate=True)["input_ids"])
+    assert "Bounding box" in gen and train.startswith(gen)
+
+
+def test_media_block_placeholder_counts_override_tokens_per_crop(processor, image):
+    from mm15.base.processor import MediaBlock
+
+    class Pooled(MM15Processor):
+        def load_media(self, sample, index, media):
+            block = super().load_media(sample, index, media)
+            block.placeholders = [7] * block.text.count("<image>")
+            return block
+
+    pooled = Pooled(processor.tokenizer, processor.spec, tokens_per_crop=4)
+    item = pooled(_sample(image))
+    assert int((item["input_ids"] == pooled.image_token_id).sum()) == 3 * 7
+    assert MediaBlock(np.zeros((2, 1, 1, 3)), "<image><image>", (1, 1)).counts(4) == [4, 4]

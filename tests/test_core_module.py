@@ -85,3 +85,35 @@ def test_demo_learns_shapes_beyond_twice_chance(tmp_path, monkeypatch, capsys):
     assert rows["all"]["accuracy"] >= 2 * rows["all"]["chance"], rows
     assert "test results" in capsys.readouterr().out
     assert (tmp_path / "runs/base_demo/test_predictions.jsonl").exists()
+
+
+def test_adafactor_injection_steps_with_per_component_groups():
+    from functools import partial
+
+    from transformers.optimization import Adafactor
+
+    module = MM15Module(model=tiny_spec(), preprocessing=tiny_preprocessing(),
+                        optimizer=partial(Adafactor, lr=1e-3, scale_parameter=False, relative_step=False),
+                        learning_rates=Components(vision=1e-5))
+    module.configure_model()
+    optimizer = module.optimizer_factory(module.parameter_groups())
+    before = module.model.connector.readout[0].weight.detach().clone()
+    module(_batch(module)).loss.backward()
+    optimizer.step()
+    assert not torch.equal(before, module.model.connector.readout[0].weight)
+    assert {g["lr"] for g in optimizer.param_groups} == {1e-3, 1e-5}
+
+
+def test_warmup_cosine_schedule():
+    from mm15.base.optim import WarmupCosine
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = WarmupCosine(opt, total_steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] < lrs[5] < lrs[9] <= 1.0  # linear warmup
+    assert max(lrs) == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # monotone cosine decay

@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .processor import MM15Processor
+from .resumable import ResumableLoader, ResumableSampler, accumulation_for
 from .sample import Sample, SampleError, Skip
 from .sources import SampleSource
 
@@ -117,13 +118,16 @@ class MM15DataModule(pl.LightningDataModule):
     num_workers: loader processes (media decoding and splitting run there).
     max_error_fraction, min_samples_for_budget: the error budget (see module docstring).
     quarantine_file: default `<trainer.default_root_dir>/quarantine.jsonl`.
+    seed: shuffling seed of the training order (`mm15.base.resumable.ResumableSampler`).
+    global_batch_size: samples per optimizer step over all processes; sets the trainer's gradient
+        accumulation to `global_batch_size / (batch_size * world_size)` (None: keep the trainer's).
     """
 
     def __init__(self, train: list[SampleSource] | None = None, val: list[SampleSource] | None = None,
                  test: list[SampleSource] | None = None, predict: list[SampleSource] | None = None,
                  media_root: str | None = None, batch_size: int = 8, eval_batch_size: int | None = None,
                  num_workers: int = 0, max_error_fraction: float = 0.05, min_samples_for_budget: int = 20,
-                 quarantine_file: str | None = None, seed: int = 0):
+                 quarantine_file: str | None = None, seed: int = 0, global_batch_size: int | None = None):
         super().__init__()
         self.sources = {"train": train or [], "val": val or [], "test": test or [], "predict": predict or []}
         self.media_root = media_root
@@ -131,6 +135,8 @@ class MM15DataModule(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.seed = seed
+        self.global_batch_size = global_batch_size
+        self.train_sampler: ResumableSampler | None = None
         self.quarantine = Quarantine(quarantine_file, max_error_fraction, min_samples_for_budget)
         self.samples: dict[str, list[Sample]] = {}
         self.processor: MM15Processor | None = None
@@ -146,10 +152,19 @@ class MM15DataModule(pl.LightningDataModule):
             self.processor = self.trainer.lightning_module.processor
             if self.quarantine.path is None:
                 self.quarantine.path = Path(self.trainer.default_root_dir) / "quarantine.jsonl"
+        if stage == "fit" and self.trainer is not None and self.global_batch_size:
+            self._derive_accumulation()
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}[stage]
         for split in wanted:
             if split not in self.samples:
                 self.samples[split] = self.read_split(split)
+
+    def _derive_accumulation(self) -> None:
+        steps = accumulation_for(self.global_batch_size, self.batch_size, self.trainer.world_size)
+        if self.trainer.accumulate_grad_batches not in (1, steps):
+            raise ValueError(f"trainer.accumulate_grad_batches={self.trainer.accumulate_grad_batches} contradicts "
+                             f"data.global_batch_size={self.global_batch_size} (which needs {steps}); set only one")
+        self.trainer.accumulate_grad_batches = steps
 
     def read_split(self, split: str) -> list[Sample]:
         samples, skips = [], []
@@ -169,10 +184,13 @@ class MM15DataModule(pl.LightningDataModule):
         log.info("%s: %d samples, %d skipped while reading", split, len(samples), len(skips))
         return samples
 
-    def _loader(self, split: str, shuffle: bool, generate: bool) -> DataLoader:
+    def _dataset(self, split: str, generate: bool) -> ProcessedDataset:
         if self.processor is None:
             raise RuntimeError("the data module needs a processor: run it through a Trainer with an MM15Module")
-        dataset = ProcessedDataset(self.samples[split], self.processor, generate)
+        return ProcessedDataset(self.samples[split], self.processor, generate)
+
+    def _loader(self, split: str, shuffle: bool, generate: bool) -> DataLoader:
+        dataset = self._dataset(split, generate)
         side = "left" if generate else "right"
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
@@ -182,7 +200,15 @@ class MM15DataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True, generate=False)
+        """Resumable, world-size-invariant order (see `mm15.base.resumable`)."""
+        dataset = self._dataset("train", generate=False)
+        kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) if self.trainer else None
+        self.train_sampler = ResumableSampler(dataset, self.batch_size, seed=self.seed, **(kwargs or {}))
+        return ResumableLoader(
+            dataset, batch_size=self.batch_size, sampler=self.train_sampler, num_workers=self.num_workers,
+            collate_fn=functools.partial(self.processor.collate, padding_side="right"),
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False, generate=False)
@@ -195,6 +221,8 @@ class MM15DataModule(pl.LightningDataModule):
 
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Main process: record the skips the workers produced and enforce the budget."""
+        if self.train_sampler is not None and self.trainer is not None and self.trainer.training:
+            self.train_sampler.note_batch()  # the data position saved with checkpoints
         skipped = batch.pop("skipped", [])
         self.quarantine.record(skipped, seen=batch.get("size", 0) + len(skipped))
         return batch

@@ -216,6 +216,8 @@ class MM15Model(nn.Module):
             )
         if n_features:
             embeds = embeds.masked_scatter(mask.unsqueeze(-1), media_features.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
+        elif media_features is not None:  # (0, M, D) keep-alive features of a text-only batch (MM15Module.forward):
+            embeds = embeds + media_features.sum().to(embeds.dtype) * 0  # joined where real ones would be
         return embeds
 
     # ----- training forward --------------------------------------------------------------------

@@ -211,22 +211,21 @@ class MM15Module(pl.LightningModule):
 
     def forward(self, batch: dict[str, Any]) -> Any:
         features = self.media_features(batch)
-        out = self.model(batch["input_ids"], batch["attention_mask"], labels=batch.get("labels"), media_features=features)
-        if features is None:  # text only: still run the tower so every rank issues the same collectives
-            zero = self.media_keepalive(batch)
-            if out.loss is not None:
-                out.loss = out.loss + zero
-        return out
+        if features is None:  # text only: still run the tower, so every rank issues the same collectives
+            features = self.media_keepalive(batch)
+        return self.model(batch["input_ids"], batch["attention_mask"], labels=batch.get("labels"), media_features=features)
 
     def media_keepalive(self, batch: dict[str, Any]) -> torch.Tensor:
-        """A zero that depends on every media parameter: tower and connector run on one blank crop.
+        """(0, M, D) media features that depend on every media parameter: the tower and connector
+        run on one blank crop, of which no token is kept; the model adds them times zero where real
+        features would go, so the backward pass visits the same modules in the same order.
 
         Without it a rank holding a text-only batch would skip the tower's FSDP all-gathers and its
         DDP gradient buckets while another rank runs them, and both would wait forever.
         Variants whose `encode_media` owns extra parameters override this."""
         r = self.processor.spec.split.crop_size
         blank = self.processor.normalize(torch.zeros(1, 3, r, r, dtype=torch.uint8, device=self.device))
-        return self.model.encode_media(blank).sum() * 0.0
+        return self.model.encode_media(blank)[:0]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         if not batch.get("size"):

@@ -1,0 +1,150 @@
+"""Checkpoints that are small, atomic and refuse to resume into the wrong run.
+
+* Small: when some parameters are frozen (LLM frozen in `align`, LLM under LoRA, frozen tower),
+  a checkpoint holds only the trainable parameters (plus buffers and optimizer state). Frozen
+  weights come back from the base model; a fingerprint of them is stored and checked on load.
+* Atomic: `AtomicCheckpointIO` writes `<name>.partial`, fsyncs, then `os.replace`s it over the
+  target, so a crash never leaves a half-written `last.ckpt`. Sharded (FSDP2) checkpoints are
+  directories: `swap_in_directory` writes a fresh directory and atomically re-points a symlink.
+* Refusing: `run_signature` records the model spec, adapters, freezing and the trainable set;
+  `signature_differences` names what changed when a resumed or tested config does not match.
+
+Enable the atomic writer in YAML (the configs in `configs/base/` do):
+
+    trainer:
+      plugins: [mm15.base.checkpointing.AtomicCheckpointIO]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from torch import nn
+
+PARTIAL_SUFFIX = ".partial"  # not `.ckpt`, so Lightning's `ckpt_path="last"` lookup never picks it
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """`TorchCheckpointIO` whose local writes are atomic (write, fsync, rename in the same folder).
+
+    Why not the default: Lightning's `_atomic_save` relies on an fsspec transaction that writes a
+    temporary file in the system temp dir and *moves* it; across file systems that move is a copy,
+    and a kill during it leaves a truncated checkpoint under the final name."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        if "://" in str(path):  # remote storage: the object store's own write semantics
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + PARTIAL_SUFFIX)
+        with open(tmp, "wb") as f:
+            self.write(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+
+    def write(self, checkpoint: dict[str, Any], f: IO[bytes]) -> None:
+        torch.save(checkpoint, f)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ----- sharded checkpoint directories --------------------------------------------------------------
+def fresh_directory_for(path: Path, tag: str) -> Path:
+    """Where to write a new sharded checkpoint that will become `path`: `.<name>.<tag>.d` beside it."""
+    target = path.with_name(f".{path.name}.{tag}.d")
+    if target.exists():
+        shutil.rmtree(target)
+    return target
+
+
+def swap_in_directory(written: Path, path: Path) -> None:
+    """Make `path` point at the completely written directory `written`, atomically.
+
+    `path` is a symlink; the new one is created beside it and renamed over it (atomic on POSIX),
+    then the previous target is deleted. A crash at any point leaves `path` at the old or the new
+    complete checkpoint."""
+    link = path.with_name(path.name + PARTIAL_SUFFIX)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(written.name)
+    previous = path.resolve() if path.is_symlink() else None
+    if path.exists() and not path.is_symlink():  # a plain directory or file from another writer
+        aside = path.with_name(path.name + ".old")
+        remove_checkpoint_path(aside)
+        os.replace(path, aside)
+        previous = aside
+    os.replace(link, path)
+    _fsync_dir(path.parent)
+    if previous is not None and previous != written.resolve() and previous.exists():
+        remove_checkpoint_path(previous)
+
+
+def remove_checkpoint_path(path: Path) -> None:
+    """Delete a checkpoint file, directory, or symlink and the directory it points to."""
+    if path.is_symlink():
+        target = path.resolve()
+        path.unlink()
+        path = target
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+# ----- trainable-only state dicts ----------------------------------------------------------------
+def frozen_parameter_names(module: nn.Module) -> set[str]:
+    """Names (every alias of tied weights) of parameters that do not require gradients."""
+    return {n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+def trainable_parameter_names(module: nn.Module) -> set[str]:
+    return {n for n, p in module.named_parameters(remove_duplicate=False) if p.requires_grad}
+
+
+def drop_frozen(state_dict: dict[str, Any], frozen: set[str]) -> dict[str, Any]:
+    """The state dict without frozen parameters (buffers and trainable parameters stay)."""
+    return {k: v for k, v in state_dict.items() if k not in frozen}
+
+
+# ----- run signatures ------------------------------------------------------------------------------
+def _plain(value: Any) -> Any:
+    return asdict(value) if is_dataclass(value) else value
+
+
+def run_signature(model_spec: Any, lora: Any, quantization: Any, freeze: Any, module: nn.Module) -> dict[str, Any]:
+    """What a checkpoint's weights depend on. Paths are left out (a moved model directory is still
+    the same model); the frozen-weight fingerprint (`adapters.weight_fingerprint`) covers content."""
+    spec = _plain(model_spec)
+    for part in ("vision", "llm"):
+        spec[part] = {k: v for k, v in spec[part].items() if k != "name_or_path"}
+    spec.pop("tokenizer", None)
+    trainable = sorted(f"{n}:{tuple(p.shape)}" for n, p in module.named_parameters() if p.requires_grad)
+    digest = hashlib.sha1("\n".join(trainable).encode()).hexdigest()[:16]
+    return {"model": spec, "lora": _plain(lora), "quantization": _plain(quantization), "freeze": _plain(freeze),
+            "trainable": {"count": len(trainable), "digest": digest}}
+
+
+def signature_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    from .specs import diff_specs
+
+    return diff_specs(saved, current)

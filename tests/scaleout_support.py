@@ -1,0 +1,132 @@
+"""Helpers for the scale-out tests, importable by the `mm15 fit` subprocesses (PYTHONPATH=tests).
+
+* `LossRecorder`: every rank appends one JSON line per micro-batch (step, loss, crops, sample ids).
+* `DyingCheckpointIO`: the atomic writer that SIGKILLs its own process half-way through the N-th
+  checkpoint write, the worst moment for a crash.
+* `tiny_run_config`: a complete `mm15 fit` config of a tiny LoRA model on mixed image and text-only
+  data, written as YAML like a user's.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+import pytorch_lightning as pl
+import yaml
+
+from mm15.base.checkpointing import AtomicCheckpointIO
+from mm15.base.tiny import TINY_LLM, TINY_VISION
+
+ROOT = Path(__file__).resolve().parents[1]
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>` prints where a hung run waits
+
+
+class LossRecorder(pl.Callback):
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        loss = float(outputs["loss"]) * trainer.accumulate_grad_batches  # Lightning divides by accumulation
+        row = {"step": trainer.global_step, "rank": trainer.global_rank, "loss": loss, "world": trainer.world_size,
+               "crops": int(batch["pixel_values"].shape[0]), "ids": list(batch["ids"])}
+        with open(f"{self.path}.rank{trainer.global_rank}.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+class DyingCheckpointIO(AtomicCheckpointIO):
+    def __init__(self, die_on_save: int = 2):
+        super().__init__()
+        self.die_on_save = die_on_save
+        self.saves = 0
+
+    def write(self, checkpoint: dict[str, Any], f: IO[bytes]) -> None:
+        self.saves += 1
+        if self.saves < self.die_on_save:
+            return super().write(checkpoint, f)
+        import io
+
+        import torch
+
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        data = buffer.getvalue()
+        f.write(data[: len(data) // 2])
+        f.flush()
+        os.fsync(f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def read_losses(prefix: Path) -> list[dict[str, Any]]:
+    rows = []
+    for path in sorted(prefix.parent.glob(prefix.name + ".rank*.jsonl")):
+        rows += [json.loads(line) for line in path.read_text().splitlines()]
+    return rows
+
+
+def write_text_only(path: Path, n: int) -> None:
+    with open(path, "w") as f:
+        for i in range(n):
+            turns = [{"role": "user", "text": f"Count to {i % 5 + 1}."},
+                     {"role": "assistant", "text": " ".join(str(k) for k in range(1, i % 5 + 2))}]
+            f.write(json.dumps({"id": f"text-{i}", "turns": turns, "media": [], "task": "count"}) + "\n")
+
+
+def tiny_run_config(run_dir: Path, data_dir: Path, max_steps: int = 6, every_n_steps: int = 2,
+                    plugins: list[Any] | None = None, lora: bool = True) -> dict[str, Any]:
+    model_args: dict[str, Any] = {
+        "model": {
+            "vision": {"config": dict(TINY_VISION)},
+            "llm": {"config": dict(TINY_LLM)},
+            "connector": {"kind": "c_abstractor", "num_tokens": 4, "hidden_size": 32, "depth": 1},
+            "tokenizer": "tiny",
+        },
+        "preprocessing": {"split": {"crop_size": 32, "grid_min": 1, "grid_max": 2}, "max_length": 512},
+        "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01, "weight_decay": 0.0}},
+        "scheduler": {"class_path": "mm15.base.optim.WarmupCosine", "init_args": {"warmup_steps": 1}},
+        "freeze": {"vision": True, "connector": False, "llm": False},
+    }
+    if lora:
+        model_args["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0}
+    return {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "max_steps": max_steps, "limit_val_batches": 0,
+            "num_sanity_val_steps": 0, "logger": False, "enable_progress_bar": False,
+            "enable_model_summary": False, "default_root_dir": str(run_dir), "plugins": plugins or [],
+            "callbacks": [
+                {"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
+                 "init_args": {"dirpath": str(run_dir / "checkpoints"), "every_n_train_steps": every_n_steps,
+                               "save_last": True, "save_top_k": 0}},
+                {"class_path": "scaleout_support.LossRecorder", "init_args": {"path": str(run_dir / "losses")}},
+            ],
+        },
+        "model": {"class_path": "mm15.base.module.MM15Module", "init_args": model_args},
+        "data": {"class_path": "mm15.base.data.MM15DataModule", "init_args": {
+            "batch_size": 2, "global_batch_size": 4, "seed": 0,
+            "train": [
+                {"class_path": "mm15.data_builders.synthetic_shapes.SyntheticShapesSource",
+                 "init_args": {"root": str(data_dir / "shapes"), "split": "train", "num_samples": 8,
+                               "min_side": 24, "max_side": 56}},
+                {"class_path": "mm15.base.sources.JsonlSource", "init_args": {"path": str(data_dir / "text.jsonl")}},
+            ]}},
+    }
+
+
+def write_config(path: Path, config: dict[str, Any], command: str = "mm15 fit --config <this file>") -> Path:
+    path.write_text(f"# {command}\n" + yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    """`python -m mm15.base.cli ...` in a fresh process, tests/ importable for the callbacks above."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "mm15.base.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)

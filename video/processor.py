@@ -22,9 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
-from mm15.base.processor import IGNORE_INDEX, MediaBlock, MM15Processor, PreprocessSpec
+from mm15.base.processor import MediaBlock, MM15Processor, PreprocessSpec
 from mm15.base.sample import IMAGE_TOKEN, Media, Sample
 
 from .decoding import DecodedVideo, DecodeSpec, VideoDecoder, VideoError
@@ -69,7 +67,6 @@ class VideoProcessor(MM15Processor):
         super().__init__(tokenizer, spec, tokens_per_crop)
         self._decoder: VideoDecoder | None = None
         self._decoder_spec: VideoPreprocessSpec | None = None
-        self._marker_counts: list[int] = []
 
     @property
     def decoder(self) -> VideoDecoder:
@@ -84,17 +81,15 @@ class VideoProcessor(MM15Processor):
         if media.kind != "video":
             block = super().load_media(sample, index, media)
             block.info.update(kind="image", crops=len(block.crops))
-            self._marker_counts += [self.tokens_per_crop] * block.text.count(IMAGE_TOKEN)
             return block
         try:
             video = self.decoder.decode(media.path, media.start, media.end)
         except VideoError as e:
             raise sample.error(str(e)) from None
         text, counts = self.video_text(video)
-        self._marker_counts += counts
         info = {"kind": "video", "crops": len(video.frames), "backend": video.backend, "notes": video.notes,
                 "path": media.path, "frame_indices": video.indices}
-        return MediaBlock(video.frames, text, video.size, info)
+        return MediaBlock(video.frames, text, video.size, info, placeholders=counts)
 
     def video_text(self, video: DecodedVideo) -> tuple[str, list[int]]:
         """The text block of one video and the placeholder count of each of its markers."""
@@ -104,17 +99,3 @@ class VideoProcessor(MM15Processor):
         if v.timestamps:
             return "".join(v.timestamp_format.format(t=t) + IMAGE_TOKEN for t in video.timestamps), [self.tokens_per_crop] * n
         return IMAGE_TOKEN * n, [self.tokens_per_crop] * n
-
-    # Interim, until the core takes per-marker counts (.notes/video_requests.md, request 1): the
-    # counts recorded by `load_media` during this call decide how far each `<image>` expands.
-    def __call__(self, sample: Sample, generate: bool = False) -> dict[str, Any]:
-        self._marker_counts = []
-        return super().__call__(sample, generate)
-
-    def expand_placeholders(self, ids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        is_media = ids == self.image_token_id
-        if int(is_media.sum()) != len(self._marker_counts):
-            raise ValueError(f"{int(is_media.sum())} media markers in the text but {len(self._marker_counts)} counted")
-        repeats = np.ones(len(ids), dtype=np.int64)
-        repeats[is_media] = self._marker_counts
-        return np.repeat(ids, repeats), np.repeat(np.where(is_media, IGNORE_INDEX, labels), repeats)

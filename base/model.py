@@ -139,8 +139,9 @@ def freeze_unused_vision(vision: nn.Module, feature_layer: int) -> list[str]:
     """Probe the tower with a 2x2-patch input; parameters that get no gradient (a CLIP
     `post_layernorm`, a SigLIP pooling `head`) are frozen so DDP/FSDP never wait on them."""
     size = 2 * vision.config.patch_size
-    out = vision(pixel_values=torch.zeros(1, 3, size, size), output_hidden_states=True, interpolate_pos_encoding=True)
-    out.hidden_states[feature_layer].sum().backward()
+    with torch.enable_grad():  # also when the model is built for inference under `torch.no_grad()`
+        out = vision(pixel_values=torch.zeros(1, 3, size, size), output_hidden_states=True, interpolate_pos_encoding=True)
+        out.hidden_states[feature_layer].sum().backward()
     unused = [n for n, p in vision.named_parameters() if p.requires_grad and p.grad is None]
     for n, p in vision.named_parameters():
         p.grad = None

@@ -91,7 +91,7 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
 def fsdp1_auto_wrap_policy(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
     """`auto_wrap_policy` for Lightning's `FSDPStrategy` (FSDP1, CUDA): one unit per transformer
-    block, per connector and per tower, as `shard_model` does for FSDP2."""
+    block and one for the connector, the rest in the root unit, as `shard_model` does for FSDP2."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     from .connector import CAbstractor, MLPConnector

@@ -1,17 +1,21 @@
-"""A learnable synthetic video task that needs time: in which direction does the shape move?
+"""Learnable synthetic video tasks whose answer needs more than one frame, written as real video files.
 
-Each clip shows one coloured shape gliding across a plain background at constant speed, wrapping
-around the edges (it leaves on the right and comes back on the left). Its position in any single
-frame is uniform over the picture whatever the direction, so no single frame tells the answer:
-only the change between frames does. Moreover, for a given appearance the middle frame is the
-same pixel for pixel for the four directions (the clip is built around it), so a model that sees
-only the middle frame is at chance (1/4) by construction.
+* `first_colour` (default, the demo's): a shape takes three of four palette colours (red, green,
+  blue, yellow) one after the other, a third of the clip each, at a new place and with a new form
+  each time; "which colour does the shape have first?". The order is the answer: the middle frame
+  shows the second colour, which is never the answer (a model seeing only it is right at most 1/3
+  of the time, below twice chance = 1/2), and a model that sees all frames without their order
+  cannot tell the first colour from the other two either (1/3).
+* `direction`: one shape glides at constant speed, wrapping around the edges; "which way does it
+  move?". Its position in any single frame is uniform over the picture whatever the direction, and
+  for a given appearance the middle frame is the same pixel for pixel for the four directions, so
+  only the change between frames tells. (Harder: the tiny demo model did not learn it on CPU.)
 
-Clips are written as real video files (H.264 through PyAV, lossless by default so the middle
-frame really is identical; or `mp4v` through OpenCV) and read back through the normal sampler.
+Clips are written as real video files (H.264 through PyAV, lossless by default so identical frames
+stay identical; or `mp4v` through OpenCV) and read back through the normal sampler.
 
-    source = SyntheticVideoSource("data/moving", split="train", num_samples=800)
-    source.prepare()        # writes data/moving/train.jsonl and data/moving/train/*.mp4 once
+    source = SyntheticVideoSource("data/colours", split="train", num_samples=1200)
+    source.prepare()        # writes data/colours/train.jsonl and data/colours/train/*.mp4 once
 
 `write_video` is also what the tests and benchmarks use to make fixtures (rotation, variable
 frame rate, sparse keyframes).
@@ -34,7 +38,10 @@ from mm15.base.sources import JsonlSource, write_jsonl
 from mm15.data_builders.synthetic_shapes import COLOURS, SHAPES, draw_shape
 
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
-QUESTION = "In which direction does the shape move? Answer with one word: left, right, up or down."
+PALETTE = ("red", "green", "blue", "yellow")
+QUESTIONS = {"direction": "Which way does the shape move: left, right, up or down?",
+             "first_colour": "Which colour does the shape have first: red, green, blue or yellow?"}
+Task = Literal["first_colour", "direction"]
 SPLIT_SEEDS = {"train": 10, "val": 11, "test": 12}
 Codec = Literal["h264", "mp4v"]
 
@@ -108,18 +115,38 @@ def make_clip(rng: random.Random, direction: str, size: int = 64, num_frames: in
     return frames
 
 
-def build_split(root: Path, split: str, num_samples: int, seed: int, size: int, num_frames: int,
+def make_colour_clip(rng: random.Random, order: list[str], size: int = 64, num_frames: int = 12) -> np.ndarray:
+    """(T, size, size, 3) frames: a shape in each colour of `order` for a third of the clip, at a
+    new place with a new form each third."""
+    frames = np.full((num_frames, size, size, 3), rng.randint(20, 80), np.uint8)
+    for third, colour in enumerate(order):
+        radius = rng.randint(size // 6, size // 4)
+        x, y, shape = rng.randint(radius, size - radius), rng.randint(radius, size - radius), rng.choice(SHAPES)
+        for k in range(third * num_frames // 3, (third + 1) * num_frames // 3):
+            draw_shape(frames[k], shape, COLOURS[colour], x, y, radius)
+    return frames
+
+
+def make_task_clip(task: Task, rng: random.Random, size: int, num_frames: int, speed: float) -> tuple[np.ndarray, str, list[str]]:
+    """(frames, answer, choices) of one clip of `task`."""
+    if task == "direction":
+        direction = rng.choice(list(DIRECTIONS))
+        return make_clip(random.Random(rng.random()), direction, size, num_frames, speed), direction, list(DIRECTIONS)
+    order = rng.sample(PALETTE, 3)
+    return make_colour_clip(random.Random(rng.random()), order, size, num_frames), order[0], list(PALETTE)
+
+
+def build_split(root: Path, split: str, num_samples: int, seed: int, task: Task, size: int, num_frames: int,
                 speed: float, fps: float, codec: Codec) -> list[Sample]:
     rng = random.Random(seed)
     samples = []
     for n in range(num_samples):
-        direction = rng.choice(list(DIRECTIONS))
+        clip, answer, choices = make_task_clip(task, rng, size, num_frames, speed)
         rel = f"{split}/{n:05d}.mp4"
-        clip = make_clip(random.Random(rng.random()), direction, size, num_frames, speed)
         write_video(root / rel, clip, fps, codec, lossless=True)
-        turns = [Turn("user", f"{IMAGE_TOKEN}\n{QUESTION}"), Turn("assistant", direction)]
-        samples.append(Sample(f"{split}-{n:05d}", turns, [Media(rel, kind="video")], task="direction",
-                              meta={"choices": list(DIRECTIONS), "num_choices": len(DIRECTIONS)}))
+        turns = [Turn("user", f"{IMAGE_TOKEN}\n{QUESTIONS[task]}"), Turn("assistant", answer)]
+        samples.append(Sample(f"{split}-{n:05d}", turns, [Media(rel, kind="video")], task=task,
+                              meta={"choices": choices, "num_choices": len(choices)}))
     return samples
 
 
@@ -128,18 +155,20 @@ class SyntheticVideoSource:
     root: output folder (clips and `<split>.jsonl`); generated once, reused afterwards.
     split: train | val | test (different seeds, so held-out clips are unseen).
     num_samples: clips in this split.
-    size: frame side in pixels (even). num_frames: frames per clip (odd, so there is one middle
-        frame; 15 = 1 + 7 * 2 lets 8 uniform samples land every second frame). fps: clip rate.
+    task: `first_colour` or `direction` (see the module docstring).
+    size: frame side in pixels (even). num_frames: frames per clip (`first_colour`: a multiple
+        of 3; `direction`: odd, so there is one middle frame, e.g. 15 = 1 + 7 * 2 lets 8 uniform
+        samples land every second frame). fps: clip rate.
     speed: motion per frame as a fraction of the frame side (keep it under 1/2 per *sampled*
         frame, or wrapping around makes the direction ambiguous).
     codec: `h264` (PyAV, lossless) or `mp4v` (OpenCV).
     """
 
-    def __init__(self, root: str, split: str = "train", num_samples: int = 800, size: int = 64,
-                 num_frames: int = 15, speed: float = 0.125, fps: float = 8.0, codec: Codec = "h264",
-                 seed: int | None = None):
+    def __init__(self, root: str, split: str = "train", num_samples: int = 800, task: Task = "first_colour",
+                 size: int = 64, num_frames: int = 12, speed: float = 0.125, fps: float = 8.0,
+                 codec: Codec = "h264", seed: int | None = None):
         self.root = Path(root)
-        self.split, self.num_samples = split, num_samples
+        self.split, self.num_samples, self.task = split, num_samples, task
         self.size, self.num_frames, self.speed, self.fps, self.codec = size, num_frames, speed, fps, codec
         self.seed = SPLIT_SEEDS.get(split, 13) if seed is None else seed
         self.media_root = str(self.root)
@@ -149,7 +178,7 @@ class SyntheticVideoSource:
         return self.root / f"{self.split}.jsonl"
 
     def params(self) -> dict:
-        return {"num_samples": self.num_samples, "seed": self.seed, "size": self.size, "num_frames": self.num_frames,
+        return {"num_samples": self.num_samples, "seed": self.seed, "task": self.task, "size": self.size, "num_frames": self.num_frames,
                 "speed": self.speed, "fps": self.fps, "codec": self.codec}
 
     def prepare(self) -> None:
@@ -157,7 +186,7 @@ class SyntheticVideoSource:
         stamp = self.root / f"{self.split}.params.json"
         if self.path.exists() and stamp.exists() and json.loads(stamp.read_text()) == self.params():
             return
-        samples = build_split(self.root, self.split, self.num_samples, self.seed, self.size,
+        samples = build_split(self.root, self.split, self.num_samples, self.seed, self.task, self.size,
                               self.num_frames, self.speed, self.fps, self.codec)
         write_jsonl(samples, self.path)
         stamp.write_text(json.dumps(self.params()))

@@ -1,5 +1,5 @@
-"""The synthetic moving-shape task: real video files read back through the sampler, an answer that
-no single frame holds, and a tiny model that learns it (held-out accuracy at least twice chance)."""
+"""The synthetic video tasks: real video files read back through the sampler, answers that the
+middle frame does not hold (first colour) or that no single frame holds (direction)."""
 
 import random
 
@@ -8,7 +8,10 @@ import pytest
 
 pytest.importorskip("decord")
 
-from mm15.data_builders.synthetic_video import DIRECTIONS, SyntheticVideoSource, make_clip, write_video  # noqa: E402
+from mm15.base.sample import IMAGE_TOKEN  # noqa: E402
+from mm15.data_builders.synthetic_shapes import COLOURS  # noqa: E402
+from mm15.data_builders.synthetic_video import (  # noqa: E402
+    DIRECTIONS, PALETTE, SyntheticVideoSource, make_clip, write_video)
 from mm15.video.decoding import DecodeSpec, VideoDecoder  # noqa: E402
 from mm15.video.sampling import FrameSampling  # noqa: E402
 
@@ -17,8 +20,9 @@ from mm15.video.sampling import FrameSampling  # noqa: E402
 def test_clips_are_video_files_read_back_through_the_sampler(tmp_path, codec):
     source = SyntheticVideoSource(str(tmp_path), split="val", num_samples=4, size=32, num_frames=9, codec=codec)
     samples = list(source.read())
-    assert [s.answer in DIRECTIONS for s in samples] == [True] * 4
-    assert samples[0].meta == {"choices": ["left", "right", "up", "down"], "num_choices": 4}
+    assert [s.answer in PALETTE for s in samples] == [True] * 4 and samples[0].task == "first_colour"
+    assert samples[0].meta == {"choices": ["red", "green", "blue", "yellow"], "num_choices": 4}
+    assert samples[0].turns[0].text.startswith(IMAGE_TOKEN) and samples[0].media[0].kind == "video"
     decoder = VideoDecoder(DecodeSpec(), FrameSampling(num_frames=5), 32)
     video = decoder.decode(str(tmp_path / samples[0].media[0].path))
     assert video.frames.shape == (5, 32, 32, 3) and video.indices == [0, 2, 4, 6, 8] and video.backend == "decord"
@@ -31,6 +35,24 @@ def test_generation_is_reused_only_with_the_same_parameters(tmp_path):
     SyntheticVideoSource(str(tmp_path), split="val", num_samples=2, size=32, num_frames=9).prepare()
     assert (tmp_path / "val.jsonl").stat().st_mtime_ns == first
     assert len(list(SyntheticVideoSource(str(tmp_path), split="val", num_samples=3, size=32, num_frames=9).read())) == 3
+
+
+def test_first_colour_middle_frame_never_shows_the_answer(tmp_path):
+    """The middle frame shows the second colour: a model seeing only it is right at most 1 time in 3."""
+    source = SyntheticVideoSource(str(tmp_path), split="val", num_samples=12, size=32, num_frames=9)
+    middle = VideoDecoder(DecodeSpec(), FrameSampling(num_frames=1, method="slowfast"), 32)
+    first = VideoDecoder(DecodeSpec(), FrameSampling(num_frames=1, method="uniform"), 32)
+    for sample in source.read():
+        path = str(tmp_path / sample.media[0].path)
+        assert dominant_colour(middle.decode(path).frames[0]) != sample.answer
+        assert dominant_colour(first.decode(path).frames[0]) == sample.answer  # frame 0: the answer
+
+
+def dominant_colour(frame: np.ndarray) -> str:
+    """The palette colour closest to the most saturated pixels of an (r, r, 3) frame."""
+    pixels = frame.reshape(-1, 3).astype(int)
+    vivid = pixels[np.argsort(pixels.max(1) - pixels.min(1))[-20:]].mean(0)
+    return min(PALETTE, key=lambda c: np.abs(np.asarray(COLOURS[c]) - vivid).sum())
 
 
 def test_the_middle_frame_is_the_same_for_every_direction(tmp_path):

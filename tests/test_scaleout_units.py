@@ -284,3 +284,33 @@ def test_environment_seed_makes_init_identical_on_every_rank(monkeypatch):
     b.configure_model()
     assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
     assert os.environ["PL_GLOBAL_SEED"] == "7"
+
+
+# ----- GPU benchmark ---------------------------------------------------------------------------------
+def _benchmark():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_train_step", ROOT / "benchmarks" / "gpu_train_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on machines without CUDA")
+def test_gpu_benchmark_refuses_to_run_without_cuda():
+    with pytest.raises(SystemExit, match="none is visible here.*--smoke"):
+        _benchmark().main([])
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_smoke_run_on_cpu():
+    results = _benchmark().main(["--smoke"])
+    assert [r["activation_checkpointing"] for r in results] == [False, True]
+    assert all(r["tokens_per_s"] > 0 and r["model_tflops_per_step"] > 0 for r in results)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_benchmark_reports_mfu():
+    results = _benchmark().main(["--steps", "2", "--warmup", "1", "--max_frames", "0"])
+    assert all(r["mfu"] is not None and 0 < r["mfu"] < 1 for r in results)

@@ -1,0 +1,245 @@
+"""One training step of a ~1.5B-parameter MM1.5 model on one GPU: FSDP2, bf16, with and without
+activation checkpointing. Prints tokens/s, model FLOPs utilisation (MFU) against the device's bf16
+dense peak, peak memory, and the largest number of 672-px crops (frames) per sample that fits.
+
+Model (random init from configs, nothing downloaded): CLIP ViT-L/14 tower (24 layers, width 1024,
+run at 672 px: 48 x 48 patches, position embeddings interpolated), C-Abstractor (144 tokens, width
+1024, depth 3), Qwen2-1.5B-shaped LLM (28 layers, width 1536, GQA 12/2 heads, vocab 151936). Full
+fine-tuning (every part trainable), AdamW. FSDP2 exactly as training uses it
+(`mm15.base.sharding.shard_model`, bf16 parameters for compute, fp32 gradient reduction).
+
+Model FLOPs are counted with `torch.utils.flop_counter.FlopCounterMode` on a step without
+activation checkpointing (recomputation is not counted, the usual MFU convention). Target: MFU >= 45 %.
+
+    python benchmarks/gpu_train_step.py                          # CUDA machine
+    python benchmarks/gpu_train_step.py --frames 10 --batch 2 --text 512 --out results.json
+    python benchmarks/gpu_train_step.py --smoke                  # tiny model, runs on CPU (gloo)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mm15.base.connector import ConnectorSpec
+from mm15.base.model import IGNORE_INDEX, LLMSpec, MM15Model, ModelSpec, VisionSpec, load_tokenizer
+from mm15.base.sharding import enable_activation_checkpointing, shard_model
+
+VIT_L = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+             num_attention_heads=16, image_size=336, patch_size=14)
+QWEN2_1_5B = dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                  num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+                  tie_word_embeddings=True, rope_theta=1e6)
+TINY_VISION = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=2, image_size=32, patch_size=8)
+TINY_LLM = dict(model_type="qwen2", vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True)
+# bf16 dense tensor-core peaks (no sparsity), TFLOP/s.
+PEAKS = {"H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H100": 989.4,
+         "A100": 312.0, "L40S": 362.1, "A10G": 70.0}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--frames", type=int, default=10, help="672-px crops per sample (MM1.5 SFT: 5-10)")
+    p.add_argument("--batch", type=int, default=2, help="samples per step")
+    p.add_argument("--text", type=int, default=512, help="text tokens per sample besides the media tokens")
+    p.add_argument("--crop", type=int, default=672)
+    p.add_argument("--steps", type=int, default=8, help="timed steps (after --warmup)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--peak_tflops", type=float, default=None, help="override the device's bf16 peak")
+    p.add_argument("--max_frames", type=int, default=256, help="upper end of the largest-frame-count search (0: skip)")
+    p.add_argument("--smoke", action="store_true", help="tiny model, 2 steps, no search: checks the script on CPU")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    return p.parse_args(argv)
+
+
+def device_peak(args: argparse.Namespace, device: torch.device) -> float | None:
+    if args.peak_tflops:
+        return args.peak_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAKS.items():  # most specific names first
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def init_process_group(device: torch.device) -> bool:
+    """A 1-process group for FSDP2 (torchrun's environment is used when present)."""
+    if dist.is_initialized():
+        return False
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29561")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def build(args: argparse.Namespace, device: torch.device, checkpointing: bool) -> tuple[MM15Model, Any]:
+    vision, llm = (TINY_VISION, TINY_LLM) if args.smoke else (VIT_L, QWEN2_1_5B)
+    connector = ConnectorSpec(num_tokens=4, hidden_size=32, depth=1) if args.smoke else ConnectorSpec()
+    spec = ModelSpec(VisionSpec(config=vision), LLMSpec(config=llm), connector, tokenizer="tiny")
+    with torch.device(device):  # random init directly on the GPU
+        model = MM15Model.build(spec, load_tokenizer(spec), crop_size=args.crop)
+    model.requires_grad_(True)
+    if checkpointing:
+        enable_activation_checkpointing(model)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    shard_model(model, mesh, precision="bf16-mixed")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+    return model, optimizer
+
+
+def make_batch(model: MM15Model, args: argparse.Namespace, frames: int, device: torch.device) -> dict[str, Any]:
+    """`batch` samples of `frames` crops (tokens_per_crop placeholders each) between two halves of text."""
+    media = frames * model.tokens_per_crop
+    half = args.text // 2
+    text = [k % 250 + 1 for k in range(args.text)]  # byte tokens, never the placeholder
+    row = text[:half] + [model.image_token_id] * media + text[half:]
+    ids = torch.tensor([row] * args.batch, device=device)
+    labels = ids.clone()
+    labels[:, : half + media] = IGNORE_INDEX  # loss on the answer half
+    pixels = torch.randn(args.batch * frames, 3, args.crop, args.crop, device=device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "pixel_values": pixels}
+
+
+def train_step(model: MM15Model, optimizer: Any, batch: dict[str, Any]) -> float:
+    features = model.encode_media(batch["pixel_values"])  # (C, M, D), as MM15Module.media_features
+    out = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"], media_features=features)
+    out.loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(out.loss.detach())
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def count_flops(model: MM15Model, optimizer: Any, batch: dict[str, Any]) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        train_step(model, optimizer, batch)
+    return float(counter.get_total_flops())
+
+
+def measure(args: argparse.Namespace, device: torch.device, checkpointing: bool, flops: float | None) -> dict[str, Any]:
+    model, optimizer = build(args, device, checkpointing)
+    batch = make_batch(model, args, args.frames, device)
+    if flops is None:
+        flops = count_flops(model, optimizer, batch)
+    for _ in range(args.warmup):
+        train_step(model, optimizer, batch)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        loss = train_step(model, optimizer, batch)
+    sync(device)
+    step_s = (time.perf_counter() - start) / args.steps
+    tokens = batch["input_ids"].numel()
+    peak = device_peak(args, device)
+    result = {"activation_checkpointing": checkpointing, "step_s": step_s, "tokens_per_s": tokens / step_s,
+              "tokens_per_step": tokens, "model_tflops_per_step": flops / 1e12, "achieved_tflops": flops / step_s / 1e12,
+              "mfu": flops / step_s / peak if peak else None, "loss": loss,
+              "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+    del model, optimizer, batch
+    free(device)
+    if args.max_frames and device.type == "cuda":
+        result["max_frames_batch1"] = largest_frames(args, device, checkpointing)
+    return result
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def fits(args: argparse.Namespace, device: torch.device, model: MM15Model, optimizer: Any, frames: int) -> bool:
+    one = argparse.Namespace(**{**vars(args), "batch": 1})
+    try:
+        train_step(model, optimizer, make_batch(model, one, frames, device))
+        sync(device)
+        return True
+    except torch.OutOfMemoryError:
+        return False
+
+
+def largest_frames(args: argparse.Namespace, device: torch.device, checkpointing: bool) -> int:
+    """Doubling from 8, then bisection, over crops per sample at batch 1. The model is rebuilt after
+    an OOM (one in the middle of a sharded backward leaves FSDP state behind)."""
+    model, optimizer = build(args, device, checkpointing)
+    good, bad, frames = 0, None, 8
+    while bad is None or bad - good > 1:
+        if fits(args, device, model, optimizer, frames):
+            good = frames
+        else:
+            bad = frames
+            del model, optimizer
+            free(device)
+            model, optimizer = build(args, device, checkpointing)
+        if bad is None and good * 2 > args.max_frames:
+            break  # fits up to the search limit
+        frames = good * 2 if bad is None else (good + bad) // 2
+    del model, optimizer
+    free(device)
+    return good
+
+
+def report(results: list[dict[str, Any]], args: argparse.Namespace, device: torch.device) -> None:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke test: no meaningful figures)"
+    print(f"\n{name}: batch {args.batch} x ({args.frames} crops x {args.crop} px + {args.text} text tokens), FSDP2 bf16")
+    print(f"{'act. ckpt':>9} {'step s':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9} {'max frames':>10}")
+    for r in results:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
+        print(f"{str(r['activation_checkpointing']):>9} {r['step_s']:8.3f} {r['tokens_per_s']:10.0f} "
+              f"{r['achieved_tflops']:8.1f} {mfu:>6} {mem:>9} {r.get('max_frames_batch1', '-'):>10}")
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    args = parse_args(argv)
+    if args.smoke:
+        args.crop, args.frames, args.batch, args.text, args.steps, args.warmup, args.max_frames = 32, 2, 2, 16, 2, 1, 0
+        device = torch.device("cpu")
+    elif not torch.cuda.is_available():
+        raise SystemExit("gpu_train_step.py measures a CUDA GPU and none is visible here; "
+                         "run it on a GPU machine, or pass --smoke to check the script on CPU")
+    else:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    created = init_process_group(device)
+    try:
+        results, flops = [], None
+        for checkpointing in (False, True):
+            results.append(measure(args, device, checkpointing, flops))
+            flops = results[0]["model_tflops_per_step"] * 1e12  # model FLOPs exclude recomputation
+        report(results, args, device)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"device": str(device), "args": vars(args), "results": results}, f, indent=2)
+        return results
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -7,9 +7,9 @@
   target, so a crash never leaves a half-written `last.ckpt`. Sharded (FSDP2) checkpoints are
   directories: `swap_in_directory` writes a fresh directory and atomically re-points a symlink.
 * Refusing: `run_signature` records the model spec, adapters, freezing and the trainable set;
-  `signature_differences` names what changed when a resumed or tested config does not match.
+  `check_compatible` names what changed when a resumed or tested config does not match.
 
-Enable the atomic writer in YAML (the configs in `configs/base/` do):
+Enable the atomic writer in YAML (`configs/base/align.yaml` and `sft_lora.yaml` do):
 
     trainer:
       plugins: [mm15.base.checkpointing.AtomicCheckpointIO]
@@ -144,7 +144,25 @@ def run_signature(model_spec: Any, lora: Any, quantization: Any, freeze: Any, mo
             "trainable": {"count": len(trainable), "digest": digest}}
 
 
-def signature_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def check_compatible(checkpoint: dict[str, Any], current: dict[str, Any], trainable: set[str], where: str) -> None:
+    """Raise, saying what to change, when `checkpoint` was not written by a run like this one:
+    another signature, other frozen weights, or trainable tensors missing from its state dict."""
+    from .adapters import check_fingerprint
     from .specs import diff_specs
 
-    return diff_specs(saved, current)
+    saved = checkpoint["mm15_run"]
+    diffs = diff_specs({k: v for k, v in saved.items() if k != "frozen"},
+                       {k: v for k, v in current.items() if k != "frozen"})
+    if diffs:
+        raise ValueError(
+            f"{where} was written by another configuration:\n  " + "\n  ".join(diffs[:20])
+            + "\nUse the config it was trained with (config.yaml beside its logs), or start a new run without "
+            "--ckpt_path."
+        )
+    check_fingerprint(saved["frozen"], current["frozen"], where,
+                      "Frozen weights come from the base model, not the checkpoint: use the same `model` / "
+                      "`pretrained` (and `seed_everything` for random-init parts) as the run that wrote it.")
+    state = checkpoint.get("state_dict") or {}
+    missing = trainable - set(state)
+    if state and missing:
+        raise ValueError(f"{where} lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[:3]})")

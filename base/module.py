@@ -36,7 +36,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from . import checkpointing as ckpt
-from .adapters import LoraSpec, QuantSpec, apply_lora, check_fingerprint, check_quantization, weight_fingerprint
+from .adapters import LoraSpec, QuantSpec, apply_lora, check_quantization, weight_fingerprint
 from .adapters import load_llm_adapter, read_adapter_meta, read_adapter_spec
 from .connector import tokens_per_crop
 from .metrics import exact_match_by_task, format_table
@@ -341,24 +341,8 @@ class MM15Module(pl.LightningModule):
 
     def check_checkpoint(self, checkpoint: dict[str, Any], where: str = "the checkpoint") -> None:
         """Refuse a checkpoint written by another configuration, naming what differs."""
-        saved = checkpoint.get("mm15_run")
-        if saved is None or self.model is None:
-            return
-        current = self.run_signature()
-        diffs = ckpt.signature_differences({k: v for k, v in saved.items() if k != "frozen"},
-                                           {k: v for k, v in current.items() if k != "frozen"})
-        if diffs:
-            raise ValueError(
-                f"{where} was written by another configuration:\n  " + "\n  ".join(diffs[:20])
-                + "\nUse the config it was trained with (config.yaml beside its logs), or start a new run without "
-                "--ckpt_path."
-            )
-        check_fingerprint(saved["frozen"], current["frozen"], where,
-                          "Frozen weights come from the base model, not the checkpoint: use the same `model` / "
-                          "`pretrained` (and `seed_everything` for random-init parts) as the run that wrote it.")
-        missing = ckpt.trainable_parameter_names(self) - set(checkpoint.get("state_dict", None) or [])
-        if "state_dict" in checkpoint and checkpoint["state_dict"] and missing:
-            raise ValueError(f"{where} lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[:3]})")
+        if "mm15_run" in checkpoint and self.model is not None:
+            ckpt.check_compatible(checkpoint, self.run_signature(), ckpt.trainable_parameter_names(self), where)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check the checkpoint fits this config; test/predict reuse its preprocessing."""

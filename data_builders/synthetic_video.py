@@ -1,11 +1,11 @@
 """Learnable synthetic video tasks whose answer needs more than one frame, written as real video files.
 
-* `first_colour` (default, the demo's): a shape takes three of four palette colours (red, green,
-  blue, yellow) one after the other, a third of the clip each, at a new place and with a new form
-  each time; "which colour does the shape have first?". The order is the answer: the middle frame
-  shows the second colour, which is never the answer (a model seeing only it is right at most 1/3
-  of the time, below twice chance = 1/2), and a model that sees all frames without their order
-  cannot tell the first colour from the other two either (1/3).
+* `majority_colour` (default, the demo's): the clip is cut in five equal segments; in each, a shape
+  (new form, new place) has one of four palette colours (red, green, blue, yellow): one colour in
+  two segments placed at random, the three others once. "Which colour does the shape have most
+  often?" Whatever frame one picks (first, middle, last, ...), it shows the answer 2 times in 5,
+  so a model seeing one frame is right at most 40% of the time, below twice chance (2 x 1/4); it
+  takes frames from the segments, i.e. over time, to count.
 * `direction`: one shape glides at constant speed, wrapping around the edges; "which way does it
   move?". Its position in any single frame is uniform over the picture whatever the direction, and
   for a given appearance the middle frame is the same pixel for pixel for the four directions, so
@@ -40,8 +40,8 @@ from mm15.data_builders.synthetic_shapes import COLOURS, SHAPES, draw_shape
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 PALETTE = ("red", "green", "blue", "yellow")
 QUESTIONS = {"direction": "Which way does the shape move: left, right, up or down?",
-             "first_colour": "Which colour does the shape have first: red, green, blue or yellow?"}
-Task = Literal["first_colour", "direction"]
+             "majority_colour": "Which colour does the shape have most often: red, green, blue or yellow?"}
+Task = Literal["majority_colour", "direction"]
 SPLIT_SEEDS = {"train": 10, "val": 11, "test": 12}
 Codec = Literal["h264", "mp4v"]
 
@@ -115,14 +115,15 @@ def make_clip(rng: random.Random, direction: str, size: int = 64, num_frames: in
     return frames
 
 
-def make_colour_clip(rng: random.Random, order: list[str], size: int = 64, num_frames: int = 12) -> np.ndarray:
-    """(T, size, size, 3) frames: a shape in each colour of `order` for a third of the clip, at a
-    new place with a new form each third."""
+def make_colour_clip(rng: random.Random, order: list[str], size: int = 64, num_frames: int = 15) -> np.ndarray:
+    """(T, size, size, 3) frames: the clip cut in `len(order)` equal segments, segment k showing a
+    shape in colour `order[k]`, with a new place and form each segment."""
+    segments = len(order)
     frames = np.full((num_frames, size, size, 3), rng.randint(20, 80), np.uint8)
-    for third, colour in enumerate(order):
+    for segment, colour in enumerate(order):
         radius = rng.randint(size // 6, size // 4)
         x, y, shape = rng.randint(radius, size - radius), rng.randint(radius, size - radius), rng.choice(SHAPES)
-        for k in range(third * num_frames // 3, (third + 1) * num_frames // 3):
+        for k in range(segment * num_frames // segments, (segment + 1) * num_frames // segments):
             draw_shape(frames[k], shape, COLOURS[colour], x, y, radius)
     return frames
 
@@ -132,8 +133,10 @@ def make_task_clip(task: Task, rng: random.Random, size: int, num_frames: int, s
     if task == "direction":
         direction = rng.choice(list(DIRECTIONS))
         return make_clip(random.Random(rng.random()), direction, size, num_frames, speed), direction, list(DIRECTIONS)
-    order = rng.sample(PALETTE, 3)
-    return make_colour_clip(random.Random(rng.random()), order, size, num_frames), order[0], list(PALETTE)
+    majority = rng.choice(PALETTE)
+    order = [majority, *PALETTE]  # the majority colour in two of the five segments
+    rng.shuffle(order)
+    return make_colour_clip(random.Random(rng.random()), order, size, num_frames), majority, list(PALETTE)
 
 
 def build_split(root: Path, split: str, num_samples: int, seed: int, task: Task, size: int, num_frames: int,
@@ -155,17 +158,17 @@ class SyntheticVideoSource:
     root: output folder (clips and `<split>.jsonl`); generated once, reused afterwards.
     split: train | val | test (different seeds, so held-out clips are unseen).
     num_samples: clips in this split.
-    task: `first_colour` or `direction` (see the module docstring).
-    size: frame side in pixels (even). num_frames: frames per clip (`first_colour`: a multiple
-        of 3; `direction`: odd, so there is one middle frame, e.g. 15 = 1 + 7 * 2 lets 8 uniform
+    task: `majority_colour` or `direction` (see the module docstring).
+    size: frame side in pixels (even). num_frames: frames per clip (`majority_colour`: a multiple
+        of 5, sampled 5 or 10 frames at a time so each segment counts the same; `direction`: odd, so there is one middle frame, e.g. 15 = 1 + 7 * 2 lets 8 uniform
         samples land every second frame). fps: clip rate.
     speed: motion per frame as a fraction of the frame side (keep it under 1/2 per *sampled*
         frame, or wrapping around makes the direction ambiguous).
     codec: `h264` (PyAV, lossless) or `mp4v` (OpenCV).
     """
 
-    def __init__(self, root: str, split: str = "train", num_samples: int = 800, task: Task = "first_colour",
-                 size: int = 64, num_frames: int = 12, speed: float = 0.125, fps: float = 8.0,
+    def __init__(self, root: str, split: str = "train", num_samples: int = 800, task: Task = "majority_colour",
+                 size: int = 64, num_frames: int = 15, speed: float = 0.125, fps: float = 8.0,
                  codec: Codec = "h264", seed: int | None = None):
         self.root = Path(root)
         self.split, self.num_samples, self.task = split, num_samples, task

@@ -31,7 +31,7 @@ def video_preprocessing(frames=4, **video) -> VideoPreprocessSpec:
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory):
     root = tmp_path_factory.mktemp("moving")
-    source = SyntheticVideoSource(str(root), split="test", num_samples=6, size=32, num_frames=9)
+    source = SyntheticVideoSource(str(root), split="test", num_samples=6, size=32, num_frames=10)
     source.prepare()
     return root
 
@@ -42,7 +42,7 @@ def trainer(tmp_path, **kw) -> pl.Trainer:
 
 
 def data(clips, **kw) -> MM15DataModule:
-    source = SyntheticVideoSource(str(clips), split="test", num_samples=6, size=32, num_frames=9)
+    source = SyntheticVideoSource(str(clips), split="test", num_samples=6, size=32, num_frames=10)
     return MM15DataModule(train=[source], val=[source], test=[source], batch_size=3, **kw)
 
 

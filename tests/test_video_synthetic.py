@@ -11,41 +11,51 @@ pytest.importorskip("decord")
 from mm15.base.sample import IMAGE_TOKEN  # noqa: E402
 from mm15.data_builders.synthetic_shapes import COLOURS  # noqa: E402
 from mm15.data_builders.synthetic_video import (  # noqa: E402
-    DIRECTIONS, PALETTE, SyntheticVideoSource, make_clip, write_video)
+    DIRECTIONS, PALETTE, SyntheticVideoSource, make_clip, make_task_clip, write_video)
 from mm15.video.decoding import DecodeSpec, VideoDecoder  # noqa: E402
 from mm15.video.sampling import FrameSampling  # noqa: E402
 
 
 @pytest.mark.parametrize("codec", ["h264", "mp4v"])
 def test_clips_are_video_files_read_back_through_the_sampler(tmp_path, codec):
-    source = SyntheticVideoSource(str(tmp_path), split="val", num_samples=4, size=32, num_frames=9, codec=codec)
+    source = SyntheticVideoSource(str(tmp_path), split="val", num_samples=4, size=32, num_frames=10, codec=codec)
     samples = list(source.read())
-    assert [s.answer in PALETTE for s in samples] == [True] * 4 and samples[0].task == "first_colour"
+    assert [s.answer in PALETTE for s in samples] == [True] * 4 and samples[0].task == "majority_colour"
     assert samples[0].meta == {"choices": ["red", "green", "blue", "yellow"], "num_choices": 4}
     assert samples[0].turns[0].text.startswith(IMAGE_TOKEN) and samples[0].media[0].kind == "video"
     decoder = VideoDecoder(DecodeSpec(), FrameSampling(num_frames=5), 32)
     video = decoder.decode(str(tmp_path / samples[0].media[0].path))
-    assert video.frames.shape == (5, 32, 32, 3) and video.indices == [0, 2, 4, 6, 8] and video.backend == "decord"
+    assert video.frames.shape == (5, 32, 32, 3) and video.indices == [0, 2, 4, 7, 9] and video.backend == "decord"
     assert (tmp_path / "val" / "00000.mp4").read_bytes()[4:8] == b"ftyp"
 
 
 def test_generation_is_reused_only_with_the_same_parameters(tmp_path):
-    SyntheticVideoSource(str(tmp_path), split="val", num_samples=2, size=32, num_frames=9).prepare()
+    SyntheticVideoSource(str(tmp_path), split="val", num_samples=2, size=32, num_frames=10).prepare()
     first = (tmp_path / "val.jsonl").stat().st_mtime_ns
-    SyntheticVideoSource(str(tmp_path), split="val", num_samples=2, size=32, num_frames=9).prepare()
+    SyntheticVideoSource(str(tmp_path), split="val", num_samples=2, size=32, num_frames=10).prepare()
     assert (tmp_path / "val.jsonl").stat().st_mtime_ns == first
-    assert len(list(SyntheticVideoSource(str(tmp_path), split="val", num_samples=3, size=32, num_frames=9).read())) == 3
+    assert len(list(SyntheticVideoSource(str(tmp_path), split="val", num_samples=3, size=32, num_frames=10).read())) == 3
 
 
-def test_first_colour_middle_frame_never_shows_the_answer(tmp_path):
-    """The middle frame shows the second colour: a model seeing only it is right at most 1 time in 3."""
-    source = SyntheticVideoSource(str(tmp_path), split="val", num_samples=12, size=32, num_frames=9)
-    middle = VideoDecoder(DecodeSpec(), FrameSampling(num_frames=1, method="slowfast"), 32)
-    first = VideoDecoder(DecodeSpec(), FrameSampling(num_frames=1, method="uniform"), 32)
+@pytest.mark.parametrize("position", ["first", "middle", "last"])
+def test_majority_colour_no_single_frame_reaches_twice_chance(position):
+    """Whichever frame a one-frame model sees, it shows the answer 2 times in 5 (chance is 1/4)."""
+    rng, hits = random.Random(0), 0
+    for _ in range(400):
+        clip, answer, choices = make_task_clip("majority_colour", rng, 32, 15, 0.0)
+        k = {"first": 0, "middle": 7, "last": 14}[position]
+        hits += dominant_colour(clip[k]) == answer
+        assert len(choices) == 4
+    assert 0.3 < hits / 400 < 0.5
+
+
+def test_majority_colour_every_segment_is_sampled_once_with_five_frames(tmp_path):
+    source = SyntheticVideoSource(str(tmp_path), split="val", num_samples=6, size=32, num_frames=15)
+    decoder = VideoDecoder(DecodeSpec(), FrameSampling(num_frames=5), 32)
     for sample in source.read():
-        path = str(tmp_path / sample.media[0].path)
-        assert dominant_colour(middle.decode(path).frames[0]) != sample.answer
-        assert dominant_colour(first.decode(path).frames[0]) == sample.answer  # frame 0: the answer
+        frames = decoder.decode(str(tmp_path / sample.media[0].path)).frames
+        colours = [dominant_colour(f) for f in frames]
+        assert max(set(colours), key=colours.count) == sample.answer and colours.count(sample.answer) == 2
 
 
 def dominant_colour(frame: np.ndarray) -> str:

@@ -4,7 +4,6 @@ pooling, and bad videos ending in the quarantine while the run continues within 
 import json
 import random
 
-import numpy as np
 import pytest
 import torch
 

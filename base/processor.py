@@ -95,6 +95,8 @@ class MM15Processor:
         self.tokenizer = tokenizer
         self.spec = spec
         self.tokens_per_crop = tokens_per_crop
+        if IMAGE_TOKEN not in tokenizer.get_vocab():
+            raise ValueError(f"the tokenizer has no {IMAGE_TOKEN} token: load it with mm15.base.model.load_tokenizer")
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
     # ----- hooks -------------------------------------------------------------------------------

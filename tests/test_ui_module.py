@@ -15,7 +15,7 @@ from mm15.base.data import DataErrorBudgetExceeded, MM15DataModule
 from mm15.base.processor import MM15Processor, PreprocessSpec
 from mm15.base.sample import Media, Sample, Turn
 from mm15.base.splitting import SplitSpec, plan_split
-from mm15.base.tiny import tiny_tokenizer
+from mm15.base.model import load_tokenizer
 from mm15.data_builders.ferret_ui import FerretUISource
 from mm15.ui.module import FERRET_UI_ANYRES, MM15UIModule, n_min_warning
 
@@ -43,7 +43,7 @@ def _screen_sample(tmp_path, size=(70, 150)):
 @pytest.mark.parametrize("name", SPLITS)
 def test_region_text_is_in_the_original_frame_whatever_the_splitting(tmp_path, name):
     sample = _screen_sample(tmp_path)
-    tok = tiny_tokenizer()
+    tok = load_tokenizer(tiny_spec())  # the tiny tokenizer with the <image> token
     reference = MM15Processor(tok, PreprocessSpec(split=SplitSpec(crop_size=32, mode="none")), tokens_per_crop=4)
     processor = MM15Processor(tok, PreprocessSpec(split=SPLITS[name]), tokens_per_crop=4)
     texts = []

@@ -8,8 +8,8 @@ test by generation.
 * `compute_metrics`: per-task referring exact match, grounding accuracy at IoU > 0.5, Spotlight
   CIDEr-D / F1, and the Ref-i / Ref-A / Grd-i / Grd-A averages (`mm15.ui.metrics`), printed as the
   results table and logged by the base `report`.
-* `on_test_epoch_end`: after the base (predictions file, table), overlays of a sample of test items
-  as PNG in `<run dir>/overlays/` and in TensorBoard.
+* `on_test_records`: after the base wrote the predictions and the table, overlays of a sample of
+  test items as PNG in `<run dir>/overlays/` and in TensorBoard.
 * n_min: MM1.5 reports referring/grounding collapsing (74.0 -> 24.5) when the minimum number of
   crops is lowered only at test time; a checkpoint or pretrained model whose `grid_min` differs from
   this config's gets a specific warning (the checkpoint's preprocessing is the one used).
@@ -68,11 +68,11 @@ class MM15UIModule(MM15Module):
     def compute_metrics(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return ui_results(records, self.processor.spec.boxes)
 
-    def on_test_epoch_end(self) -> None:
-        super().on_test_epoch_end()
+    def on_test_records(self, records: list[dict[str, Any]]) -> None:
+        """After the base wrote predictions and printed the table: overlays of a sample of items."""
         if self.overlays and self.trainer.is_global_zero:
             directory = Path(self.trainer.default_root_dir) / "overlays"
-            paths = save_overlays(self.records, directory, self.processor.spec.boxes, self.overlays)
+            paths = save_overlays(records, directory, self.processor.spec.boxes, self.overlays)
             log_overlays(self.logger, paths, self.global_step)
             print(f"{len(paths)} overlays in {directory}", flush=True)
 

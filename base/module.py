@@ -283,6 +283,10 @@ class MM15Module(pl.LightningModule):
         records = self._gather(self.records)
         self.write_records(records, "test_predictions.jsonl")
         self.report(self.compute_metrics(records), "test")
+        self.on_test_records(records)
+
+    def on_test_records(self, records: list[dict[str, Any]]) -> None:
+        """Hook after the test report, on every rank with all records (UI overlays, ...)."""
 
     def on_predict_epoch_end(self) -> None:
         self.write_records(self._gather(self.records), "predictions.jsonl")

@@ -14,7 +14,11 @@ from mm15.base.processor import PreprocessSpec
 from mm15.base.splitting import SplitSpec
 from mm15.base.tiny import TINY_LLM, TINY_VISION, save_tiny_parts
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One intra-op thread: the tiny models gain little from two, and with two threads per process a
+# contended 2-core machine (or the 2-process DDP/FSDP tests) oversubscribes OpenMP and runs ~6x
+# slower. Subprocesses inherit the environment variable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

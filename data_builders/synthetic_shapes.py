@@ -1,4 +1,5 @@
-"""A learnable synthetic image task: one drawn shape per image; questions about its colour or shape.
+"""A learnable synthetic image task: one drawn shape per image; questions about its colour, its
+position (image quadrant) or its shape.
 
 The answer needs the pixels (the text never reveals it). Images vary in size and aspect ratio so
 dynamic splitting is exercised. Splits use different seeds, so held-out images are new.
@@ -7,7 +8,9 @@ dynamic splitting is exercised. Splits use different seeds, so held-out images a
     source.prepare()            # writes data/shapes/train.jsonl and data/shapes/train/*.png once
     samples = list(source.read())
 
-Chance level: 1/6 for colour, 1/4 for shape (`meta["num_choices"]`).
+Chance level: 1/6 for colour, 1/4 for position and shape (`meta["num_choices"]`). Colour and
+position are the demo's questions: a tiny random-init model learns them in a few CPU minutes; shape
+needs far more training at 32-px crops and is there for longer runs.
 """
 
 from __future__ import annotations
@@ -25,8 +28,11 @@ from mm15.base.sources import JsonlSource, write_jsonl
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220),
            "yellow": (235, 215, 20), "purple": (150, 40, 190), "orange": (245, 140, 20)}
 SHAPES = ("circle", "square", "triangle", "cross")
+POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 QUESTIONS = {"colour": "What colour is the shape? Answer with one word.",
-             "shape": "What shape is drawn? Answer with one word."}
+             "shape": "What shape is drawn? Answer with one word.",
+             "position": "In which quarter of the image is the shape?"}
+CHOICES = {"colour": list(COLOURS), "shape": list(SHAPES), "position": list(POSITIONS)}
 SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}
 
 
@@ -44,15 +50,17 @@ def draw_shape(canvas: np.ndarray, shape: str, colour: tuple[int, int, int], cx:
         cv2.rectangle(canvas, (cx - t, cy - r), (cx + t, cy + r), colour, -1)
 
 
-def make_image(rng: random.Random, min_side: int, max_side: int) -> tuple[np.ndarray, str, str]:
+def make_image(rng: random.Random, min_side: int, max_side: int) -> tuple[np.ndarray, dict[str, str]]:
+    """A grey canvas with one shape entirely inside one quadrant; returns the image and its answers."""
     w, h = rng.randint(min_side, max_side), rng.randint(min_side, max_side)
-    grey = rng.randint(200, 250)
-    canvas = np.full((h, w, 3), grey, np.uint8)
-    colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
-    r = rng.randint(max(3, min(w, h) // 6), max(4, min(w, h) // 3))
-    cx, cy = rng.randint(r, w - r - 1), rng.randint(r, h - r - 1)
+    canvas = np.full((h, w, 3), rng.randint(200, 250), np.uint8)
+    colour, shape, position = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.randrange(4)
+    m = min(w, h)
+    r = rng.randint(max(3, m // 7), max(4, m // 4 - 2))  # as large as a quadrant allows: colour must be visible
+    x0, y0 = (position % 2) * (w // 2), (position // 2) * (h // 2)  # quadrant's top-left corner
+    cx, cy = rng.randint(x0 + r, x0 + w // 2 - r - 1), rng.randint(y0 + r, y0 + h // 2 - r - 1)
     draw_shape(canvas, shape, COLOURS[colour], cx, cy, r)
-    return canvas, colour, shape
+    return canvas, {"colour": colour, "shape": shape, "position": POSITIONS[position]}
 
 
 def build_split(root: Path, split: str, num_samples: int, seed: int, questions: list[str],
@@ -61,11 +69,11 @@ def build_split(root: Path, split: str, num_samples: int, seed: int, questions: 
     (root / split).mkdir(parents=True, exist_ok=True)
     samples = []
     for n in range(num_samples):
-        image, colour, shape = make_image(rng, min_side, max_side)
+        image, answers = make_image(rng, min_side, max_side)
         rel = f"{split}/{n:05d}.png"
         cv2.imwrite(str(root / rel), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
         task = questions[n % len(questions)]
-        answer, choices = (colour, list(COLOURS)) if task == "colour" else (shape, list(SHAPES))
+        answer, choices = answers[task], CHOICES[task]
         turns = [Turn("user", f"{IMAGE_TOKEN}\n{QUESTIONS[task]}"), Turn("assistant", answer)]
         samples.append(Sample(f"{split}-{n:05d}", turns, [Media(rel)], task=task,
                               meta={"num_choices": len(choices), "choices": choices}))
@@ -77,12 +85,12 @@ class SyntheticShapesSource:
     root: output folder (images and `<split>.jsonl`); generated once, reused afterwards.
     split: train | val | test (different seeds, so held-out images are unseen).
     num_samples: images in this split.
-    questions: which question types to ask, cycled (`colour`, `shape`).
+    questions: which question types to ask, cycled (`colour`, `position`, `shape`).
     min_side, max_side: image sides in pixels (random per image, so aspect ratios vary).
     """
 
     def __init__(self, root: str, split: str = "train", num_samples: int = 1000,
-                 questions: list[str] = ["colour", "shape"], min_side: int = 48, max_side: int = 96,
+                 questions: list[str] = ["colour", "position"], min_side: int = 48, max_side: int = 96,
                  seed: int | None = None):
         self.root = Path(root)
         self.split = split

@@ -39,8 +39,7 @@ from mm15.data_builders.synthetic_shapes import COLOURS, SHAPES, draw_shape
 
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 PALETTE = ("red", "green", "blue", "yellow")
-QUESTIONS = {"direction": "Which way does the shape move: left, right, up or down?",
-             "majority_colour": "Which colour does the shape have most often: red, green, blue or yellow?"}
+QUESTIONS = {"direction": "Which way does the shape move?", "majority_colour": "Which colour is the shape most often?"}
 Task = Literal["majority_colour", "direction"]
 SPLIT_SEEDS = {"train": 10, "val": 11, "test": 12}
 Codec = Literal["h264", "mp4v"]
@@ -121,7 +120,7 @@ def make_colour_clip(rng: random.Random, order: list[str], size: int = 64, num_f
     segments = len(order)
     frames = np.full((num_frames, size, size, 3), rng.randint(20, 80), np.uint8)
     for segment, colour in enumerate(order):
-        radius = rng.randint(size // 6, size // 4)
+        radius = rng.randint(size // 4, size // 3)  # large: the colour is the signal
         x, y, shape = rng.randint(radius, size - radius), rng.randint(radius, size - radius), rng.choice(SHAPES)
         for k in range(segment * num_frames // segments, (segment + 1) * num_frames // segments):
             draw_shape(frames[k], shape, COLOURS[colour], x, y, radius)
@@ -147,7 +146,7 @@ def build_split(root: Path, split: str, num_samples: int, seed: int, task: Task,
         clip, answer, choices = make_task_clip(task, rng, size, num_frames, speed)
         rel = f"{split}/{n:05d}.mp4"
         write_video(root / rel, clip, fps, codec, lossless=True)
-        turns = [Turn("user", f"{IMAGE_TOKEN}\n{QUESTIONS[task]}"), Turn("assistant", answer)]
+        turns = [Turn("user", f"{QUESTIONS[task]}\n{IMAGE_TOKEN}"), Turn("assistant", answer)]
         samples.append(Sample(f"{split}-{n:05d}", turns, [Media(rel, kind="video")], task=task,
                               meta={"choices": choices, "num_choices": len(choices)}))
     return samples

@@ -22,7 +22,7 @@ def test_clips_are_video_files_read_back_through_the_sampler(tmp_path, codec):
     samples = list(source.read())
     assert [s.answer in PALETTE for s in samples] == [True] * 4 and samples[0].task == "majority_colour"
     assert samples[0].meta == {"choices": ["red", "green", "blue", "yellow"], "num_choices": 4}
-    assert samples[0].turns[0].text.startswith(IMAGE_TOKEN) and samples[0].media[0].kind == "video"
+    assert samples[0].turns[0].text.endswith(IMAGE_TOKEN) and samples[0].media[0].kind == "video"
     decoder = VideoDecoder(DecodeSpec(), FrameSampling(num_frames=5), 32)
     video = decoder.decode(str(tmp_path / samples[0].media[0].path))
     assert video.frames.shape == (5, 32, 32, 3) and video.indices == [0, 2, 4, 7, 9] and video.backend == "decord"

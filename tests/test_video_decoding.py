@@ -202,6 +202,15 @@ def test_frame_folder_natural_order_and_rate(tmp_path):
     assert decoder(n=2, folder_fps=2.0).decode(folder, start=3.0, end=4.0).indices == [6, 7]
 
 
+def test_corrupt_frame_in_a_folder_names_the_frame(tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "0001.jpg"), np.zeros((8, 8, 3), np.uint8))
+    (folder / "0002.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(VideoError, match="0002.jpg: unreadable frame image"):
+        decoder(n=2).decode(folder)
+
+
 def test_empty_frame_folder_is_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(VideoError, match="holds no images"):

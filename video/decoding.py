@@ -241,10 +241,13 @@ def _natural_key(name: str) -> list:
 
 
 def _load_frame(path: Path, r: int, fit: str) -> np.ndarray:
-    with Image.open(path) as im:
-        size = fit_size(im.width, im.height, r, fit)
-        im.draft("RGB", size)  # JPEG: decode at 1/2, 1/4 or 1/8 scale when that still covers `size`
-        return np.asarray(im.convert("RGB").resize(size, Image.BILINEAR))
+    try:
+        with Image.open(path) as im:
+            size = fit_size(im.width, im.height, r, fit)
+            im.draft("RGB", size)  # JPEG: decode at 1/2, 1/4 or 1/8 scale when that still covers `size`
+            return np.asarray(im.convert("RGB").resize(size, Image.BILINEAR))
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
+        raise VideoError(f"{path}: unreadable frame image ({type(e).__name__}: {e})") from None
 
 
 def read_frame_folder(path: str, sampling: FrameSampling, r: int, spec: DecodeSpec,
@@ -318,7 +321,6 @@ class VideoDecoder:
                 video.notes.insert(0, "fallback after " + "; ".join(failures))
             return video
         raise VideoError(f"{path}: not a readable video ({'; '.join(failures)})")
-
 
 
 _LOG_PREFIX = re.compile(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ")

@@ -62,9 +62,9 @@ def test_training_free_test_on_a_saved_core_model(core_model, clips, tmp_path, c
                              generation=GenerationSpec(max_new_tokens=3))
     trainer(tmp_path).test(module, data(clips), verbose=False)
     out = capsys.readouterr().out
-    assert "test results" in out and "direction" in out and "videos decoded by backend: decord: 6" in out
+    assert "test results" in out and "majority_colour" in out and "videos decoded by backend: decord: 6" in out
     records = [json.loads(line) for line in (tmp_path / "test_predictions.jsonl").read_text().splitlines()]
-    assert len(records) == 6 and all(r["meta"]["choices"] == ["left", "right", "up", "down"] for r in records)
+    assert len(records) == 6 and all(r["meta"]["choices"] == ["red", "green", "blue", "yellow"] for r in records)
 
 
 def test_core_preprocessing_loads_with_video_defaults_or_the_given_video_part(core_model):

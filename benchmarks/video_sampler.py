@@ -5,8 +5,10 @@
 
 Each method delivers the same 24 frames (the indices our sampler chooses):
 
-* `mm15`: `VideoDecoder.decode` (container probe, timestamps, index choice, decord decoding only
-  those frames resized while decoding, padding) + normalisation to float (what a training step gets).
+* `mm15`: the video processor's decoder (container probe, timestamps, index choice, decord decoding
+  only those frames resized while decoding, padding to r x r) and the core's `normalize` to float,
+  on the CPU (training does that last step on the accelerator).
+* `mm15 (no norm.)`: the same without the normalisation, i.e. what the loader workers do.
 * `decord`: raw `decord.VideoReader(width, height).get_batch(indices)` on the same indices, same
   decoder thread count: the floor our wrapper adds overhead to. Target: mm15 >= 0.9x.
 * `decode-all`: the naive way, `cv2.VideoCapture` reading every frame at native size, keeping the
@@ -30,9 +32,12 @@ import cv2
 import numpy as np
 import torch
 
-from mm15.base.processor import CLIP_MEAN, CLIP_STD
+from mm15.base.sample import IMAGE_TOKEN
+from mm15.base.splitting import SplitSpec
+from mm15.base.tiny import tiny_tokenizer
 from mm15.data_builders.synthetic_video import write_video
-from mm15.video.decoding import DecodeSpec, VideoDecoder, fit_size
+from mm15.video.decoding import DecodeSpec, fit_size
+from mm15.video.processor import VideoPreprocessSpec, VideoProcessor, VideoSpec
 from mm15.video.sampling import FrameSampling
 
 FPS, WIDTH, HEIGHT = 30, 640, 360
@@ -47,23 +52,17 @@ def clip_frames(seconds: float):
         yield np.ascontiguousarray(texture[:, shift: shift + WIDTH])
 
 
-SCALE = (1.0 / (255.0 * np.asarray(CLIP_STD))).astype(np.float32)
-SHIFT = (-np.asarray(CLIP_MEAN) / np.asarray(CLIP_STD)).astype(np.float32)
+def video_processor(size: int, frames: int, threads: int) -> VideoProcessor:
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    video = VideoSpec(sampling=FrameSampling(num_frames=frames), decode=DecodeSpec(backends=["decord"], threads=threads))
+    return VideoProcessor(tokenizer, VideoPreprocessSpec(split=SplitSpec(crop_size=size, mode="none"), video=video), 144)
 
 
-def normalise(frames: np.ndarray) -> torch.Tensor:
-    """(N, r, r, 3) uint8 -> (N, 3, r, r) float32: the arithmetic of `MM15Processor.normalize`
-    ((x / 255 - mean) / std), done the fastest way on the host: one conversion and one in-place
-    pass on channel-last data. (Training normalises on the accelerator instead.)"""
-    x = frames.astype(np.float32)
-    x *= SCALE
-    x += SHIFT
-    return torch.from_numpy(x).permute(0, 3, 1, 2)
-
-
-def run_mm15(decoder: VideoDecoder, path: str) -> list[int]:
-    video = decoder.decode(path)
-    normalise(video.frames)
+def run_mm15(processor: VideoProcessor, path: str, normalise: bool = True) -> list[int]:
+    video = processor.decoder.decode(path)  # (N, r, r, 3) uint8
+    if normalise:
+        processor.normalize(torch.from_numpy(video.frames).permute(0, 3, 1, 2))  # (N, 3, r, r) float32
     return video.indices
 
 
@@ -101,13 +100,13 @@ def timed(fn, repeats: int) -> float:
 
 
 def bench_clip(path: str, args: argparse.Namespace) -> dict[str, float]:
-    spec = DecodeSpec(backends=["decord"], threads=args.threads)
-    decoder = VideoDecoder(spec, FrameSampling(num_frames=args.frames), args.size)
-    indices = run_mm15(decoder, path)
-    size = fit_size(WIDTH, HEIGHT, args.size, spec.fit)
+    processor = video_processor(args.size, args.frames, args.threads)
+    indices = run_mm15(processor, path)
+    size = fit_size(WIDTH, HEIGHT, args.size, processor.spec.video.decode.fit)
     n = len(indices)
     return {
-        "mm15": n / timed(lambda: run_mm15(decoder, path), args.repeats),
+        "mm15": n / timed(lambda: run_mm15(processor, path), args.repeats),
+        "mm15-decode": n / timed(lambda: run_mm15(processor, path, normalise=False), args.repeats),
         "decord": n / timed(lambda: run_decord(path, indices, size, args.threads), args.repeats),
         "decode-all": n / timed(lambda: run_decode_all(path, indices, size, args.threads), max(1, args.repeats // 2)),
     }
@@ -124,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", default=None, help="where clips are written (default: a temp dir)")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mm15_video_bench_"))
-    header = f"{'clip':<6} {'keyframes':<16} {'mm15 fps':>9} {'decord fps':>11} {'all fps':>8} {'vs decord':>10} {'vs all':>7}"
+    header = (f"{'clip':<6} {'keyframes':<16} {'mm15 fps':>9} {'(no norm.)':>10} {'decord fps':>11} {'all fps':>8} "
+              f"{'vs decord':>10} {'(no norm.)':>10} {'vs all':>7}")
     print(f"{args.frames} frames at {args.size} px from {WIDTH}x{HEIGHT} H.264 at {FPS} fps, {args.threads} decoder thread(s)")
     print(header + "\n" + "-" * len(header))
     for name, seconds in (("short", args.short_seconds), ("long", args.long_seconds)):
@@ -133,8 +133,9 @@ def main(argv: list[str] | None = None) -> None:
             if not path.exists():
                 write_video(path, clip_frames(seconds), fps=FPS, gop=gop)
             r = bench_clip(str(path), args)
-            print(f"{name:<6} {keys:<16} {r['mm15']:9.1f} {r['decord']:11.1f} {r['decode-all']:8.1f} "
-                  f"{r['mm15'] / r['decord']:9.2f}x {r['mm15'] / r['decode-all']:6.1f}x", flush=True)
+            print(f"{name:<6} {keys:<16} {r['mm15']:9.1f} {r['mm15-decode']:10.1f} {r['decord']:11.1f} "
+                  f"{r['decode-all']:8.1f} {r['mm15'] / r['decord']:9.2f}x {r['mm15-decode'] / r['decord']:9.2f}x "
+                  f"{r['mm15'] / r['decode-all']:6.1f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,22 @@
 """A learnable synthetic UI dataset in the Ferret-UI layout, read back through `FerretUISource`.
 
-Screens are drawn on a grid of cells (portrait phones 64x128 with 2x4 cells, landscape 128x64
-with 4x2 cells by default); each cell is empty or holds one widget, jittered inside it: a button
-(accent-coloured, a word in white), a text field (white, grey border), an icon (a small coloured
-square or disc) or a label (a word in dark text). Words use a 3x5 pixel font, so reading them
-needs the resolution that dynamic splitting gives. Two platforms, `iphone` and `android`, differ
-in palette and are written to separate files, so Ref-i / Ref-A / Grd-i / Grd-A are all populated.
+Screens are drawn on a grid of cells (portrait phones 64x128 as a list of 4 rows, landscape 128x64
+as 2x2 cells by default); cells hold one widget each (`ScreenSpec.widgets`, all four by default): a
+button (accent-coloured, a word in white), a text field (white, dark border), an icon (a small
+coloured square or disc) or a label (a word in light text). A widget's bounds are sized from its cell
+alone, never from its kind or word, and kinds and words do not repeat on a screen
+(`ScreenSpec.distinct`): neither the referring box nor "name anything on the screen" gives the
+answer away, so referring has to look at the region. Words use a 3x5 pixel font (2x when it fits)
+and differ in length. Two platforms, `iphone` and `android`, differ in palette and are written to
+separate files, so Ref-i / Ref-A / Grd-i / Grd-A are all populated.
 
 Tasks, one record per screen and task when it applies, with Ferret-UI's names and phrasing:
     widget_classification  "What's the UI type of the widget <bbox_location0>?" -> "Button"
-    ocr                    "What text is displayed in the element <bbox_location0>?" -> "Next"
-    find_text              'Where is the text "Next" located?' -> "<bbox_location0>"
+    ocr                    "What text is displayed in the element <bbox_location0>?" -> "Back"
+    find_text              'Where is the text "Back" located?' -> "<bbox_location0>"
     find_widget            "Where is the text field located?" -> "<bbox_location0>"
+    widget_listing         "List all the widgets on the screen with their locations."
+                           -> "Button <bbox_location0>, Icon <bbox_location1>, ..." (reading order)
 Chance for widget classification is 1/4, for OCR 1/len(WORDS).
 
     source = SyntheticUISource("data/ui", split="train", num_screens=600)
@@ -33,25 +38,30 @@ from mm15.base.sample import Sample, Skip
 
 from .ferret_ui import FerretUISource
 
-WORDS = ("Back", "Next", "Done", "Edit", "Save", "Home", "Menu", "OK")
+# Words of different lengths: their extent is a cue a tiny model can read at 32 px crops.
+WORDS = ("OK", "Add", "Back", "Cancel")
 WIDGETS = ("Button", "Text field", "Icon", "Label")
 PLATFORMS = ("iphone", "android")
-TASK_NAMES = ("widget_classification", "ocr", "find_text", "find_widget")
+TASK_NAMES = ("widget_classification", "ocr", "find_text", "find_widget", "widget_listing")
 SPLIT_OFFSET = {"train": 0, "val": 1, "test": 2, "predict": 3}
 
+# Dark grey themes: a background near the vision encoder's mean colour normalises to ~0, so a tiny
+# random-init model sees the widgets, not the background (light themes did not learn in the demo budget).
 PALETTES = {  # background, button, text-field border, icon, label text
-    "iphone": ((242, 242, 247), (0, 122, 255), (160, 160, 168), (255, 149, 0), (28, 28, 30)),
-    "android": ((250, 250, 250), (98, 0, 238), (110, 110, 110), (3, 180, 160), (40, 40, 40)),
+    "iphone": ((112, 112, 120), (0, 122, 255), (30, 30, 30), (255, 149, 0), (250, 250, 250)),
+    "android": ((104, 110, 104), (150, 60, 255), (20, 20, 20), (3, 220, 190), (255, 255, 235)),
 }
 
 # 3x5 pixel glyphs for the letters of WORDS, rows top to bottom.
 GLYPHS = {
     "A": ("010", "101", "111", "101", "101"), "B": ("110", "101", "110", "101", "110"),
     "C": ("011", "100", "100", "100", "011"), "D": ("110", "101", "101", "101", "110"),
-    "E": ("111", "100", "110", "100", "111"), "H": ("101", "101", "111", "101", "101"),
+    "E": ("111", "100", "110", "100", "111"), "F": ("111", "100", "110", "100", "100"),
+    "H": ("101", "101", "111", "101", "101"), "L": ("100", "100", "100", "100", "111"),
     "I": ("111", "010", "010", "010", "111"), "K": ("101", "110", "100", "110", "101"),
     "M": ("101", "111", "111", "101", "101"), "N": ("110", "101", "101", "101", "101"),
-    "O": ("010", "101", "101", "101", "010"), "S": ("011", "100", "010", "001", "110"),
+    "O": ("010", "101", "101", "101", "010"), "R": ("110", "101", "110", "101", "101"),
+    "S": ("011", "100", "010", "001", "110"),
     "T": ("111", "010", "010", "010", "010"), "U": ("101", "101", "101", "101", "111"),
     "V": ("101", "101", "101", "101", "010"), "X": ("101", "101", "010", "101", "101"),
 }
@@ -62,109 +72,158 @@ class Widget:
     kind: str  # one of WIDGETS
     box: list[int]  # [x1, y1, x2, y2], pixels
     word: str | None = None
+    font: int = 1  # pixels per glyph dot
 
 
 @dataclass
 class ScreenSpec:
-    """Screen geometry: sizes are (width, height); cells are (columns, rows)."""
+    """Screen geometry: sizes are (width, height); cells are (columns, rows). Widgets are sized
+    relative to their cell; icons stay small (the elements dynamic splitting is for)."""
 
     portrait: tuple[int, int] = (64, 128)
-    portrait_cells: tuple[int, int] = (2, 4)
+    portrait_cells: tuple[int, int] = (1, 4)  # a list: one widget per row
     landscape: tuple[int, int] = (128, 64)
-    landscape_cells: tuple[int, int] = (4, 2)
+    landscape_cells: tuple[int, int] = (2, 2)
     landscape_ratio: float = 0.3
-    fill: float = 0.7  # probability that a cell holds a widget
+    widgets: tuple[int, int] = (4, 4)  # widgets per screen (min, max), each in its own cell
+    # Kinds and words without repetition on a screen (while there are enough): naming any widget or
+    # word present is then no better than chance, so referring has to read the region.
+    distinct: bool = True
+    box_size: tuple[float, float] = (0.8, 0.55)  # a widget's bounds as a fraction of its cell (w, h)
+    jitter: int = 1  # px a widget's size and centre may vary
 
 
-def text_width(word: str) -> int:
-    return 4 * len(word) - 1
+def text_width(word: str, font: int = 1) -> int:
+    return (4 * len(word) - 1) * font
 
 
-def draw_text(draw: ImageDraw.ImageDraw, x: int, y: int, word: str, color: tuple[int, int, int]) -> None:
+def draw_text(draw: ImageDraw.ImageDraw, x: int, y: int, word: str, color: tuple[int, int, int], font: int = 1) -> None:
     for k, letter in enumerate(word.upper()):
         for row, bits in enumerate(GLYPHS[letter]):
             for col, bit in enumerate(bits):
                 if bit == "1":
-                    draw.point((x + 4 * k + col, y + row), fill=color)
+                    left, top = x + (4 * k + col) * font, y + row * font
+                    draw.rectangle([left, top, left + font - 1, top + font - 1], fill=color)
 
 
-def widget_size(kind: str, word: str | None, rng: random.Random, cell: tuple[int, int]) -> tuple[int, int]:
-    cw, ch = cell
-    if kind == "Button":
-        return min(text_width(word) + rng.randint(6, 10), cw - 2), rng.randint(9, 12)
-    if kind == "Text field":
-        return cw - rng.randint(3, 8), rng.randint(7, 10)
-    if kind == "Icon":
-        side = rng.randint(6, 9)
-        return side, side
-    return text_width(word) + 2, 7  # Label: the word plus a 1 px margin
-
-
-def place_widget(kind: str, cell_box: tuple[int, int, int, int], rng: random.Random) -> Widget:
+def place_widget(kind: str, word: str | None, cell_box: tuple[int, int, int, int], rng: random.Random,
+                 spec: ScreenSpec) -> Widget:
+    """A widget in its cell: the box (the element's bounds) is sized from the cell alone, whatever the
+    kind or word, so a referring box never gives the answer away; up to `spec.jitter` px off centre."""
     x0, y0, x1, y1 = cell_box
-    word = rng.choice(WORDS) if kind in ("Button", "Label") else None
-    w, h = widget_size(kind, word, rng, (x1 - x0, y1 - y0))
-    x = rng.randint(x0 + 1, max(x0 + 1, x1 - w - 1))
-    y = rng.randint(y0 + 1, max(y0 + 1, y1 - h - 1))
-    return Widget(kind, [x, y, x + w, y + h], word)
+    cw, ch = x1 - x0, y1 - y0
+    w = min(int(spec.box_size[0] * cw) + rng.randint(-spec.jitter, spec.jitter), cw - 2)
+    h = min(int(spec.box_size[1] * ch) + rng.randint(-spec.jitter, spec.jitter), ch - 2)
+    x = min(max((x0 + x1 - w) // 2 + rng.randint(-spec.jitter, spec.jitter), x0 + 1), x1 - w - 1)
+    y = min(max((y0 + y1 - h) // 2 + rng.randint(-spec.jitter, spec.jitter), y0 + 1), y1 - h - 1)
+    font = 2 if word and text_width(word, 2) + 4 <= w and 5 * 2 + 4 <= h else 1
+    return Widget(kind, [x, y, x + w, y + h], word, font)
 
 
 def draw_widget(draw: ImageDraw.ImageDraw, widget: Widget, palette: tuple) -> None:
+    """Button: accent fill, white word centred. Text field: white with a dark border. Icon: a small
+    disc or square centred in its bounds. Label: the word, left-aligned, no background."""
     _, button, border, icon, label = palette
     x1, y1, x2, y2 = widget.box
     if widget.kind == "Button":
         draw.rounded_rectangle([x1, y1, x2 - 1, y2 - 1], radius=3, fill=button)
-        draw_text(draw, (x1 + x2 - text_width(widget.word)) // 2, (y1 + y2 - 5) // 2, widget.word, (255, 255, 255))
+        tx, ty = (x1 + x2 - text_width(widget.word, widget.font)) // 2, (y1 + y2 - 5 * widget.font) // 2
+        draw_text(draw, tx, ty, widget.word, (255, 255, 255), widget.font)
     elif widget.kind == "Text field":
         draw.rectangle([x1, y1, x2 - 1, y2 - 1], fill=(255, 255, 255), outline=border)
     elif widget.kind == "Icon":
+        side = max(3, min(x2 - x1, y2 - y1) - 4)
+        cx, cy = (x1 + x2 - side) // 2, (y1 + y2 - side) // 2
         shape = draw.ellipse if (x1 + y1) % 2 else draw.rectangle
-        shape([x1, y1, x2 - 1, y2 - 1], fill=icon)
+        shape([cx, cy, cx + side - 1, cy + side - 1], fill=icon)
     else:
-        draw_text(draw, x1 + 1, y1 + 1, widget.word, label)
+        draw_text(draw, x1 + 2, (y1 + y2 - 5 * widget.font) // 2, widget.word, label, widget.font)
+
+
+class _Draw:
+    """Random choices from `items`; with `distinct`, without repetition until all have been drawn."""
+
+    def __init__(self, items: tuple[str, ...], rng: random.Random, distinct: bool):
+        self.items, self.rng, self.distinct, self.pool = items, rng, distinct, []
+
+    def next(self) -> str:
+        if not self.distinct:
+            return self.rng.choice(self.items)
+        if not self.pool:
+            self.pool = list(self.items)
+            self.rng.shuffle(self.pool)
+        return self.pool.pop()
 
 
 def make_screen(rng: random.Random, platform: str, spec: ScreenSpec) -> tuple[Image.Image, list[Widget]]:
-    """One screenshot and its widgets (each cell empty or holding one widget)."""
+    """One screenshot and its widgets (a few cells, in reading order, hold one widget each)."""
     landscape = rng.random() < spec.landscape_ratio
     (w, h), (cols, rows) = (spec.landscape, spec.landscape_cells) if landscape else (spec.portrait, spec.portrait_cells)
     palette = PALETTES[platform]
     image = Image.new("RGB", (w, h), palette[0])
     draw = ImageDraw.Draw(image)
+    count = min(rng.randint(*spec.widgets), cols * rows)
+    cells = sorted(rng.sample(range(cols * rows), count))  # reading order
+    kinds, words = _Draw(WIDGETS, rng, spec.distinct), _Draw(WORDS, rng, spec.distinct)
     widgets = []
-    for r in range(rows):
-        for c in range(cols):
-            if rng.random() < spec.fill:
-                cell = (c * w // cols, r * h // rows, (c + 1) * w // cols, (r + 1) * h // rows)
-                widgets.append(place_widget(rng.choice(WIDGETS), cell, rng))
-                draw_widget(draw, widgets[-1], palette)
+    for k in cells:
+        r, c = divmod(k, cols)
+        cell = (c * w // cols, r * h // rows, (c + 1) * w // cols, (r + 1) * h // rows)
+        kind = kinds.next()
+        widgets.append(place_widget(kind, words.next() if kind in ("Button", "Label") else None, cell, rng, spec))
+        draw_widget(draw, widgets[-1], palette)
     return image, widgets
 
 
-def screen_records(image: str, size: tuple[int, int], widgets: list[Widget], rng: random.Random) -> dict[str, dict]:
-    """Ferret-UI records for one screen, keyed by task (tasks that do not apply are left out)."""
-    def record(question: str, answer: str, question_boxes: list, answer_boxes: list) -> dict:
-        return {"id": Path(image).stem, "image": image, "image_h": size[1], "image_w": size[0],
-                "conversations": [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}],
-                "box_x1y1x2y2": [question_boxes, answer_boxes]}
+QUESTIONS = {  # task -> (question, answer) for one widget; referring tasks put the box in the question
+    "widget_classification": lambda w: ("What's the UI type of the widget <bbox_location0>?", w.kind),
+    "ocr": lambda w: ("What text is displayed in the element <bbox_location0>?", w.word),
+    "find_text": lambda w: (f'Where is the text "{w.word}" located?', "<bbox_location0>"),
+    "find_widget": lambda w: (f"Where is the {w.kind.lower()} located?", "<bbox_location0>"),
+}
 
-    out = {}
-    if widgets:
-        target = rng.choice(widgets)
-        out["widget_classification"] = record("What's the UI type of the widget <bbox_location0>?", target.kind,
-                                              [target.box], [])
+
+def candidates(task: str, widgets: list[Widget]) -> list[Widget]:
+    """The widgets a question of `task` can be about (grounding targets must be unique on the screen)."""
     worded = [w for w in widgets if w.word]
-    if worded:
-        target = rng.choice(worded)
-        out["ocr"] = record("What text is displayed in the element <bbox_location0>?", target.word, [target.box], [])
-    unique_words = [w for w in worded if sum(o.word == w.word for o in worded) == 1]
-    if unique_words:
-        target = rng.choice(unique_words)
-        out["find_text"] = record(f'Where is the text "{target.word}" located?', "<bbox_location0>", [], [target.box])
-    unique_kinds = [w for w in widgets if sum(o.kind == w.kind for o in widgets) == 1]
-    if unique_kinds:
-        target = rng.choice(unique_kinds)
-        out["find_widget"] = record(f"Where is the {target.kind.lower()} located?", "<bbox_location0>", [], [target.box])
+    if task == "widget_classification":
+        return widgets
+    if task == "ocr":
+        return worded
+    if task == "find_text":
+        return [w for w in worded if sum(o.word == w.word for o in worded) == 1]
+    return [w for w in widgets if sum(o.kind == w.kind for o in widgets) == 1]
+
+
+def conversation(image: str, size: tuple[int, int], qa: list[tuple[str, str, list, list]]) -> dict:
+    """A Ferret-UI record: turns of (question, answer, question boxes, answer boxes)."""
+    turns, boxes = [], []
+    for k, (question, answer, q_boxes, a_boxes) in enumerate(qa):
+        turns += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + question}, {"from": "gpt", "value": answer}]
+        boxes += [q_boxes, a_boxes]
+    return {"id": Path(image).stem, "image": image, "image_h": size[1], "image_w": size[0],
+            "conversations": turns, "box_x1y1x2y2": boxes}
+
+
+def screen_records(image: str, size: tuple[int, int], widgets: list[Widget], rng: random.Random,
+                   questions: int = 1) -> dict[str, dict]:
+    """Ferret-UI records for one screen, keyed by task (tasks that do not apply are left out); up to
+    `questions` question/answer turns per record, about different widgets."""
+    out = {}
+    for task, ask in QUESTIONS.items():
+        targets = candidates(task, widgets)
+        rng.shuffle(targets)
+        qa = []
+        for w in targets[:questions]:
+            question, answer = ask(w)
+            referring = "<bbox_location0>" in question
+            qa.append((question, answer, [w.box] if referring else [], [] if referring else [w.box]))
+        if qa:
+            out[task] = conversation(image, size, qa)
+    if widgets:
+        listing = ", ".join(f"{w.kind} <bbox_location{k}>" for k, w in enumerate(widgets))
+        question = "List all the widgets on the screen with their locations."
+        out["widget_listing"] = conversation(image, size, [(question, listing, [], [w.box for w in widgets])])
     return out
 
 
@@ -178,16 +237,19 @@ class SyntheticUISource:
         seed: base seed; the split offsets it.
         tasks: subset of TASK_NAMES to write.
         screen: geometry (see `ScreenSpec`).
+        questions: question/answer turns per record (about different widgets of the screen); more than
+            one gives more supervision per screenshot in training, test splits keep 1.
     """
 
     def __init__(self, root: str, split: str = "train", num_screens: int = 600, seed: int = 0,
-                 tasks: list[str] | None = None, screen: ScreenSpec | None = None):
+                 tasks: list[str] | None = None, screen: ScreenSpec | None = None, questions: int = 1):
         self.root, self.split, self.num_screens, self.seed = Path(root), split, num_screens, seed
         self.tasks = list(tasks or TASK_NAMES)
         unknown = set(self.tasks) - set(TASK_NAMES)
         if unknown or split not in SPLIT_OFFSET:
             raise ValueError(f"SyntheticUISource: unknown tasks {sorted(unknown)} or split {split!r}")
         self.screen = screen or ScreenSpec()
+        self.questions = questions
         self.media_root = str(self.root)
 
     @property
@@ -196,7 +258,7 @@ class SyntheticUISource:
 
     def manifest(self) -> dict:
         return {"num_screens": self.num_screens, "seed": self.seed, "tasks": self.tasks, "screen": asdict(self.screen),
-                "version": 1}
+                "questions": self.questions, "words": list(WORDS), "version": 3}
 
     def prepare(self) -> None:
         """Write the split unless the same one is already there."""
@@ -207,12 +269,14 @@ class SyntheticUISource:
         files: dict[str, list[dict]] = {f"{t}_{p}_{self.split}.json": [] for t in self.tasks for p in PLATFORMS}
         (self.root / "images").mkdir(parents=True, exist_ok=True)
         self.split_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.split_dir.glob("*.json"):  # files of tasks no longer asked for
+            stale.unlink()
         for i in range(self.num_screens):
             platform = PLATFORMS[i % 2]
             image, widgets = make_screen(rng, platform, self.screen)
             name = f"images/{self.split}_{i:05d}.png"
             image.save(self.root / name)
-            for task, rec in screen_records(name, image.size, widgets, rng).items():
+            for task, rec in screen_records(name, image.size, widgets, rng, self.questions).items():
                 if task in self.tasks:
                     files[f"{task}_{platform}_{self.split}.json"].append(rec)
         for file, records in files.items():

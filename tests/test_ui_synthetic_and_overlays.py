@@ -111,3 +111,16 @@ def test_save_and_log_overlays_for_a_sample_of_records(tmp_path):
     assert log_overlays(logger, paths, step=3) == len(paths)
     assert logger.experiment.images[0][2] == "HWC"
     assert log_overlays(object(), paths) == 0  # non-TensorBoard loggers are left alone
+
+
+def test_referring_boxes_do_not_give_the_answer_away(tmp_path):
+    """A widget's bounds are sized from its cell, not its kind or word: the answer needs the pixels."""
+    items = list(SyntheticUISource(str(tmp_path), "train", num_screens=300, tasks=["widget_classification", "ocr"]).read())
+    sizes: dict[str, list[tuple[float, float]]] = {}
+    for s in items:
+        x1, y1, x2, y2 = s.meta["query_boxes"][0]
+        sizes.setdefault(s.answer, []).append((x2 - x1, y2 - y1))
+    assert set(sizes) == set(WIDGETS) | set(WORDS)
+    for dim in (0, 1):
+        means = [sum(v[dim] for v in vs) / len(vs) for vs in sizes.values()]
+        assert max(means) - min(means) < 1.0, sizes  # within 1 px, whatever the answer

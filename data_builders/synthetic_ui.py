@@ -77,8 +77,8 @@ class Widget:
 
 @dataclass
 class ScreenSpec:
-    """Screen geometry: sizes are (width, height); cells are (columns, rows). Widgets are sized
-    relative to their cell; icons stay small (the elements dynamic splitting is for)."""
+    """Screen geometry: sizes are (width, height); cells are (columns, rows). Widget bounds are a
+    fixed fraction of their cell; what is drawn inside (an icon glyph, 3x5-pixel words) stays small."""
 
     portrait: tuple[int, int] = (64, 128)
     portrait_cells: tuple[int, int] = (1, 4)  # a list: one widget per row

@@ -64,7 +64,7 @@ class LLMSpec(PartSpec):
 @dataclass
 class ModelSpec:
     """The three parts plus the tokenizer (`tokenizer`: dir or hub name; default the LLM's; the
-    word `tiny` builds `mm15.base.tiny.tiny_tokenizer`)."""
+    word `tiny` builds `mm15.base.tiny.tiny_tokenizer`, `tiny-words` the same with word merges)."""
 
     vision: VisionSpec = field(default_factory=VisionSpec)
     llm: LLMSpec = field(default_factory=LLMSpec)
@@ -96,10 +96,10 @@ def vision_config(part: VisionSpec) -> Any:
 
 def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     """Tokenizer with the media placeholder token added and a pad token set."""
-    if spec.tokenizer == "tiny":
-        from .tiny import tiny_tokenizer
+    if spec.tokenizer in ("tiny", "tiny-words"):
+        from .tiny import TINY_WORDS, tiny_tokenizer
 
-        tok = tiny_tokenizer()
+        tok = tiny_tokenizer(TINY_WORDS if spec.tokenizer == "tiny-words" else ())
     else:
         source = spec.tokenizer or spec.llm.name_or_path
         if not source:

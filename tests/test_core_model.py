@@ -108,3 +108,28 @@ def test_save_load_identical_logits(tiny_parts, tmp_path):
     assert torch.equal(a, b)
     assert prep == {"max_length": 77} and tok2.convert_tokens_to_ids("<image>") == model.image_token_id
     assert (tmp_path / "m" / "llm" / "model.safetensors").exists()
+
+
+def test_tiny_words_tokenizer_merges_words_never_digits(tmp_path):
+    from transformers import AutoTokenizer
+
+    from mm15.base.tiny import TINY_WORDS, tiny_tokenizer
+
+    plain, words = tiny_tokenizer(), tiny_tokenizer(TINY_WORDS)
+    messages = [{"role": "system", "content": "Boxes [x1, y1, x2, y2], points [x, y] on a 1000x1000 canvas."},
+                {"role": "user", "content": "What's the UI type of the widget [229, 91]? Ünïcode ✓"},
+                {"role": "assistant", "content": "Text field"}]
+    text = plain.apply_chat_template(messages, tokenize=False)
+    assert words.apply_chat_template(messages, tokenize=False) == text
+    ids = words(text)["input_ids"]
+    assert words.decode(ids) == text and plain.decode(plain(text)["input_ids"]) == text  # lossless
+    assert len(ids) < 0.6 * len(plain(text)["input_ids"])
+    pieces = words.convert_ids_to_tokens(ids)
+    assert "Ġwidget" in pieces and "Text" in pieces and "Ġfield" in pieces
+    assert [p for p in pieces if any(c.isdigit() for c in p) and len(p) > 1] == []  # one token per digit
+    with pytest.raises(ValueError, match="digits"):
+        tiny_tokenizer(("x1",))
+    words.save_pretrained(tmp_path / "tok")  # the from_pretrained path users take
+    assert AutoTokenizer.from_pretrained(tmp_path / "tok")(text)["input_ids"] == ids
+    spec = ModelSpec(vision=VisionSpec(), llm=LLMSpec(), tokenizer="tiny-words")
+    assert load_tokenizer(spec)(text)["input_ids"][:5] == ids[:5]

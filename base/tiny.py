@@ -4,7 +4,7 @@
   and a ChatML chat template, built with `tokenizers`. Deterministic, so a checkpoint trained with
   it decodes the same anywhere. `tiny_tokenizer(TINY_WORDS)` (`tokenizer: tiny-words` in a config)
   adds BPE merges that make each listed word one token (digits are never merged, so numbers stay
-  one token per digit as in Llama / Qwen): the demos' prompts get about 3x shorter, which is most of
+  one token per digit as in Llama / Qwen): the demos' prompts get about 2x shorter, which is most of
   a tiny model's step time.
 * `TINY_VISION`, `TINY_LLM`, `TINY_MOE_LLM`: config dicts accepted by `PartSpec.config`.
 * `save_tiny_parts(dir)`: writes a tiny vision tower, LLM and tokenizer with `save_pretrained`, so

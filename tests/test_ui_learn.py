@@ -4,9 +4,12 @@
 Bar (default suite): grounding accuracy (IoU > 0.5), averaged over Grd-i and Grd-A, clearly above
 what always predicting the average box scores. Referring (Ref-i / Ref-A) is printed, not asserted:
 on screens where neither the box size nor "name anything on screen" gives the answer away, this tiny
-from-scratch model stays at chance in the CPU budget (the open part of the UI issue). The slow test
-also trains `configs/ui/demo_nosplit.yaml` and prints both tables, so the effect of dynamic
-splitting on small elements can be read off:
+from-scratch model stays at chance in the CPU budget (the open part of the UI issue).
+`benchmarks/referring_steps.py` shows why: even with ideal image features, the tiny LLM needs
+thousands of steps to learn "read the coordinates, then look up that region", while a lookup by
+position alone or reading the coordinates alone takes a few hundred. The slow test also trains
+`configs/ui/demo_nosplit.yaml` and prints both tables, so the effect of dynamic splitting on small
+elements can be read off:
 
     python -m pytest tests/test_ui_learn.py -m slow -s
 """

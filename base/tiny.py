@@ -52,7 +52,7 @@ TINY_WORDS = (
     " points", " point", " canvas", " image", " video", " most", " often", " frame", " frames",
     " position", " quadrant", " top", " bottom", " left", " right", " field", " field?",
     "Button", "Text", "Icon", "Label", " Button", " Text", " Icon", " Label", " button", " icon", " label",
-    "OK", "Add", "Back", "Cancel", " Answer", " answer", " with", " one", " word", ", ", " [", "]?", "].",
+    "OK", "Add", "Back", "Cancel", " Answer", " answer", " one", " word", ", ", " [", "]?", "].",
 )
 
 

@@ -35,6 +35,9 @@ class ConnectorSpec:
     hidden_size: width of the RegStages (Honeybee/MM1: 1024).
     depth: bottleneck blocks per RegStage (3).
     se_ratio: squeeze-excitation ratio inside each bottleneck (0.25).
+    pos_embed_std: init std of the learnable position embedding (Honeybee: 0.02). A from-scratch tiny
+        tower carries little position at init; a larger value (the UI notes in the README measured 1.0)
+        gives image tokens the row identity referring and grounding need.
     """
 
     kind: Literal["c_abstractor", "mlp"] = "c_abstractor"
@@ -42,6 +45,7 @@ class ConnectorSpec:
     hidden_size: int = 1024
     depth: int = 3
     se_ratio: float = 0.25
+    pos_embed_std: float = 0.02
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -100,7 +104,7 @@ class CAbstractor(nn.Module):
             raise ValueError(f"C-Abstractor needs square maps: {num_patches} patches, {spec.num_tokens} tokens")
         self.num_tokens = spec.num_tokens
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, vision_dim))
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=spec.pos_embed_std)  # truncated at +-2 (absolute), as before
         self.net = nn.Sequential(
             RegStage(spec.depth, vision_dim, spec.hidden_size, spec.se_ratio),
             nn.AdaptiveAvgPool2d(pooled),

@@ -133,3 +133,12 @@ def test_tiny_words_tokenizer_merges_words_never_digits(tmp_path):
     assert AutoTokenizer.from_pretrained(tmp_path / "tok")(text)["input_ids"] == ids
     spec = ModelSpec(vision=VisionSpec(), llm=LLMSpec(), tokenizer="tiny-words")
     assert load_tokenizer(spec)(text)["input_ids"][:5] == ids[:5]
+
+
+def test_c_abstractor_position_embedding_std_is_configurable():
+    """Honeybee's 0.02 by default; the UI notes measured a larger init helping a from-scratch tower."""
+    torch.manual_seed(0)
+    default = CAbstractor(ConnectorSpec(hidden_size=16, depth=1), vision_dim=32, llm_dim=8, num_patches=16)
+    strong = CAbstractor(ConnectorSpec(hidden_size=16, depth=1, pos_embed_std=1.0), vision_dim=32, llm_dim=8, num_patches=16)
+    assert 0.015 < default.pos_embed.std().item() < 0.025
+    assert 0.7 < strong.pos_embed.std().item() < 1.0  # truncated at +-2

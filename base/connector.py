@@ -36,8 +36,8 @@ class ConnectorSpec:
     depth: bottleneck blocks per RegStage (3).
     se_ratio: squeeze-excitation ratio inside each bottleneck (0.25).
     pos_embed_std: init std of the learnable position embedding (Honeybee: 0.02). A from-scratch tiny
-        tower carries little position at init; a larger value (the UI notes in the README measured 1.0)
-        gives image tokens the row identity referring and grounding need.
+        tower carries little position at init; the best UI run in the README's notes used 1.0 (its
+        effect was not isolated from the other changes there).
     """
 
     kind: Literal["c_abstractor", "mlp"] = "c_abstractor"

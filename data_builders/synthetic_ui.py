@@ -183,6 +183,11 @@ QUESTIONS = {  # task -> (question, answer) for one widget; referring tasks put 
 }
 
 
+# Referring tasks -> the answer about one widget; what is on a screen gives the on-screen baseline
+# (`meta["on_screen_answers"]`): naming any of them at random, no referring needed.
+ANSWER = {"widget_classification": lambda w: w.kind, "ocr": lambda w: w.word}
+
+
 def candidates(task: str, widgets: list[Widget]) -> list[Widget]:
     """The widgets a question of `task` can be about (grounding targets must be unique on the screen)."""
     worded = [w for w in widgets if w.word]
@@ -258,7 +263,7 @@ class SyntheticUISource:
 
     def manifest(self) -> dict:
         return {"num_screens": self.num_screens, "seed": self.seed, "tasks": self.tasks, "screen": asdict(self.screen),
-                "questions": self.questions, "words": list(WORDS), "version": 3}
+                "questions": self.questions, "words": list(WORDS), "version": 4}
 
     def prepare(self) -> None:
         """Write the split unless the same one is already there."""
@@ -271,19 +276,27 @@ class SyntheticUISource:
         self.split_dir.mkdir(parents=True, exist_ok=True)
         for stale in self.split_dir.glob("*.json"):  # files of tasks no longer asked for
             stale.unlink()
+        screens = {}
         for i in range(self.num_screens):
             platform = PLATFORMS[i % 2]
             image, widgets = make_screen(rng, platform, self.screen)
             name = f"images/{self.split}_{i:05d}.png"
             image.save(self.root / name)
+            screens[name] = {task: sorted({ANSWER[task](w) for w in candidates(task, widgets)}) for task in ANSWER}
             for task, rec in screen_records(name, image.size, widgets, rng, self.questions).items():
                 if task in self.tasks:
                     files[f"{task}_{platform}_{self.split}.json"].append(rec)
         for file, records in files.items():
             (self.split_dir / file).write_text(json.dumps(records, indent=1))
+        (self.split_dir / "SCREENS").write_text(json.dumps(screens))
         manifest.write_text(json.dumps(self.manifest()))
 
     def read(self) -> Iterator[Sample | Skip]:
         if not (self.split_dir / "MANIFEST").is_file():
             self.prepare()
-        return FerretUISource(str(self.split_dir), media_root=self.media_root).read()
+        on_screen = self.split_dir / "SCREENS"  # written with the split (absent in copies made by hand)
+        screens = json.loads(on_screen.read_text()) if on_screen.is_file() else {}
+        for sample in FerretUISource(str(self.split_dir), media_root=self.media_root).read():
+            if isinstance(sample, Sample) and sample.task in ANSWER and sample.media[0].path in screens:
+                sample.meta["on_screen_answers"] = screens[sample.media[0].path][sample.task]
+            yield sample

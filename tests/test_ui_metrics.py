@@ -135,6 +135,22 @@ def test_results_rows_and_category_averages_by_hand():
     assert "Grd-i" in table and "iphone/find_text" in table
 
 
+def test_on_screen_baseline_is_naming_a_random_candidate_on_the_screen():
+    # Two OCR records: two words on the first screen, four (one repeated up to case) on the second.
+    first = record("ocr", "iphone", "Back", "Back")
+    first["meta"]["on_screen_answers"] = ["Back", "OK"]
+    second = record("ocr", "iphone", "OK", "Add")
+    second["meta"]["on_screen_answers"] = ["Add", "add", "OK", "Cancel"]
+    wc = record("widget_classification", "iphone", "Icon", "Icon")  # no on-screen list: no baseline
+    rows = {r["task"]: r for r in M.ui_results([first, second, wc], BoxCodec())}
+    assert rows["iphone/ocr"]["on_screen"] == pytest.approx((1 / 2 + 1 / 3) / 2)
+    assert rows["iphone/ocr"]["baseline"] == pytest.approx(1 / 2)  # chance: two distinct answers
+    assert rows["iphone/widget_classification"]["on_screen"] is None
+    assert rows["Ref-i"]["on_screen"] is None  # not every task of the category has one
+    ocr_only = {r["task"]: r for r in M.ui_results([first, second], BoxCodec())}
+    assert ocr_only["Ref-i"]["on_screen"] == pytest.approx((1 / 2 + 1 / 3) / 2)
+
+
 def test_grounding_decodes_in_the_original_frame_of_each_record():
     codec = BoxCodec()
     size = (1170, 2532)

@@ -124,3 +124,17 @@ def test_referring_boxes_do_not_give_the_answer_away(tmp_path):
     for dim in (0, 1):
         means = [sum(v[dim] for v in vs) / len(vs) for vs in sizes.values()]
         assert max(means) - min(means) < 1.0, sizes  # within 1 px, whatever the answer
+
+
+def test_on_screen_answers_list_what_the_screen_shows(tmp_path):
+    """`meta["on_screen_answers"]` is what a model that reads the screen but not the referred region
+    could name: on the default (distinct) screens all four kinds, and the two words of the Button and
+    the Label, so OCR's on-screen baseline is 1/2 where chance is 1/4."""
+    items = list(SyntheticUISource(str(tmp_path), "test", num_screens=20, tasks=["widget_classification", "ocr"]).read())
+    for s in items:
+        shown = s.meta["on_screen_answers"]
+        assert s.answer in shown and len(shown) == len(set(shown))
+        if s.task == "widget_classification":
+            assert sorted(shown) == sorted(WIDGETS)
+        else:
+            assert len(shown) == 2 and set(shown) <= set(WORDS)

@@ -5,7 +5,10 @@ Per task (and platform), from prediction records (`id`, `task`, `prediction`, `a
 
 * referring (`ocr`, `icon_recognition`, `widget_classification`): normalised exact match
   (`mm15.base.metrics.exact_match`). Baseline: chance, 1 / number of distinct reference answers
-  (or `meta["num_choices"]`).
+  (or `meta["num_choices"]`). Where the data lists the candidate answers present on the screen
+  (`meta["on_screen_answers"]`, the synthetic UI task), `on_screen` is the accuracy of naming one of
+  them at random: a model that reads the screen but not the referred region scores that much, so
+  referring is shown only by a score above it (OCR on a screen with two words: 1/2, not chance).
 * grounding (`find_text`, `find_icons`, `find_widget`, `widget_listing`): a single true box is found
   when the first predicted box has IoU > 0.5 with it; with several true boxes (widget listing) the
   score is the number of one-to-one matches at IoU > 0.5 over max(#true, #predicted) [choice].
@@ -31,7 +34,7 @@ from mm15.base.boxes import BoxCodec
 from mm15.base.metrics import exact_match, normalize_answer
 from mm15.data_builders.ferret_ui import TASKS
 
-RESULT_COLUMNS = ["task", "n", "metric", "score", "baseline"]
+RESULT_COLUMNS = ["task", "n", "metric", "score", "baseline", "on_screen"]
 CATEGORY_NAMES = {("referring", "iphone"): "Ref-i", ("referring", "android"): "Ref-A",
                   ("grounding", "iphone"): "Grd-i", ("grounding", "android"): "Grd-A"}
 _WORDS = re.compile(r"[a-z0-9]+")
@@ -157,12 +160,15 @@ def _size(record: dict[str, Any]) -> tuple[int, int] | None:
     return tuple(size) if size else None
 
 
-def score_referring(records: list[dict[str, Any]]) -> tuple[float, float]:
+def score_referring(records: list[dict[str, Any]]) -> tuple[float, float, float | None]:
+    """(accuracy, chance, on-screen baseline or None where the data does not list what is on screen)."""
     hits = [exact_match(r["prediction"], r["answer"], r["meta"].get("answer_aliases")) for r in records]
     choices = [r["meta"].get("num_choices") for r in records]
     distinct = len({normalize_answer(r["answer"]) for r in records})
     chance = sum(1 / c for c in choices) / len(choices) if all(choices) else 1 / max(distinct, 1)
-    return sum(hits) / len(hits), chance
+    shown = [{normalize_answer(a) for a in r["meta"].get("on_screen_answers") or []} for r in records]
+    on_screen = sum(1 / len(s) for s in shown) / len(shown) if all(shown) else None
+    return sum(hits) / len(hits), chance, on_screen
 
 
 def score_grounding(records: list[dict[str, Any]], codec: BoxCodec) -> tuple[float, float]:
@@ -177,10 +183,10 @@ def score_grounding(records: list[dict[str, Any]], codec: BoxCodec) -> tuple[flo
 def score_task(task: str, records: list[dict[str, Any]], codec: BoxCodec) -> dict[str, Any]:
     """One results row: the task's metric, its score and baseline (None where none applies)."""
     kind = TASKS.get(task, "other")
-    row: dict[str, Any] = {"n": len(records), "metric": None, "score": None, "baseline": None}
+    row: dict[str, Any] = {"n": len(records), "metric": None, "score": None, "baseline": None, "on_screen": None}
     if kind == "referring":
         row["metric"] = "exact_match"
-        row["score"], row["baseline"] = score_referring(records)
+        row["score"], row["baseline"], row["on_screen"] = score_referring(records)
     elif kind == "grounding":
         row["metric"] = "iou>0.5"
         row["score"], row["baseline"] = score_grounding(records, codec)
@@ -213,7 +219,9 @@ def category_averages(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                   and TASKS.get(r["task"].split("/", 1)[1]) == kind]
         if chosen:
             baselines = [r["baseline"] for r in chosen if r["baseline"] is not None]
+            shown = [r.get("on_screen") for r in chosen]
             out.append({"task": name, "n": sum(r["n"] for r in chosen), "metric": f"mean of {len(chosen)} tasks",
                         "score": sum(r["score"] for r in chosen) / len(chosen),
-                        "baseline": sum(baselines) / len(baselines) if baselines else None})
+                        "baseline": sum(baselines) / len(baselines) if baselines else None,
+                        "on_screen": sum(shown) / len(shown) if all(v is not None for v in shown) else None})
     return out

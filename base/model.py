@@ -21,7 +21,7 @@ import json
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -55,10 +55,14 @@ class VisionSpec(PartSpec):
 @dataclass
 class LLMSpec(PartSpec):
     """Args: router_aux_loss_weight: weight of the MoE load-balancing loss (MM1.5: 0.01); ignored
-    for dense models. attn_implementation: passed to transformers (`sdpa`, `eager`, ...)."""
+    for dense models. attn_implementation: passed to transformers (`sdpa`, `eager`, ...).
+    loss_reduction: `token` (default: the mean over every target token of the batch, so a sample
+    weighs by its answer length) or `sample` (the mean over each sample's target tokens, then over
+    samples: a one-word answer weighs as much as a 15-token box) [choice; MM1.5 does not say]."""
 
     router_aux_loss_weight: float = 0.01
     attn_implementation: str = "sdpa"
+    loss_reduction: Literal["token", "sample"] = "token"
 
 
 @dataclass
@@ -235,7 +239,17 @@ class MM15Model(nn.Module):
         keep = targets != IGNORE_INDEX
         hidden = out.last_hidden_state[:, :-1][keep]
         logits = self.llm.get_output_embeddings()(hidden).float()
-        lm_loss = F.cross_entropy(logits, targets[keep]) if keep.any() else logits.sum() * 0.0
+        if not keep.any():
+            lm_loss = logits.sum() * 0.0
+        elif self.spec.llm.loss_reduction == "sample":
+            per_token = F.cross_entropy(logits, targets[keep], reduction="none")
+            row = keep.nonzero()[:, 0]  # the sample of each kept position
+            counts = keep.sum(1)
+            per_sample = torch.zeros(len(counts), device=logits.device).index_add_(0, row, per_token)
+            has = counts > 0
+            lm_loss = (per_sample[has] / counts[has]).mean()
+        else:
+            lm_loss = F.cross_entropy(logits, targets[keep])
         aux = self._router_aux_loss(out, attention_mask) if self._is_moe else None
         loss = lm_loss if aux is None else lm_loss + self.spec.llm.router_aux_loss_weight * aux
         return MM15Output(loss=loss, lm_loss=lm_loss, aux_loss=aux, num_target_tokens=int(keep.sum()))

@@ -79,6 +79,27 @@ def test_media_changes_the_loss(tiny_model):
     assert not torch.allclose(a, b)
 
 
+def test_loss_reduction_token_or_sample_by_hand(tiny_model):
+    """`token`: one mean over all target tokens; `sample`: per-sample means, then their mean."""
+    model, _ = tiny_model
+    ids, mask, pixels = _inputs(model)
+    ids, mask, pixels = ids.repeat(2, 1), mask.repeat(2, 1), pixels.repeat(2, 1, 1, 1)
+    labels = torch.full_like(ids, -100)
+    labels[0, -3:] = ids[0, -3:]  # sample 0: 3 targets
+    labels[1, -1] = ids[1, -1]  # sample 1: 1 target
+    with torch.no_grad():
+        hidden = model.llm.get_decoder()(inputs_embeds=model.embed(ids, pixels), attention_mask=mask).last_hidden_state
+        logits = model.llm.get_output_embeddings()(hidden[:, :-1]).float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], reduction="none")
+        first, second = nll[0, -3:], nll[1, -1:]
+        token = model(ids, mask, pixel_values=pixels, labels=labels).loss
+        model.spec.llm.loss_reduction = "sample"
+        sample = model(ids, mask, pixel_values=pixels, labels=labels).loss
+        model.spec.llm.loss_reduction = "token"
+    torch.testing.assert_close(token, torch.cat([first, second]).mean())
+    torch.testing.assert_close(sample, (first.mean() + second.mean()) / 2)
+
+
 def test_moe_router_aux_loss_is_weighted_into_the_loss():
     spec = ModelSpec(vision=tiny_spec().vision, llm=LLMSpec(config=dict(TINY_MOE_LLM), router_aux_loss_weight=0.5),
                      connector=tiny_spec().connector, tokenizer="tiny")

@@ -112,3 +112,21 @@ def test_canonical_jsonl_round_trip_and_malformed_lines(media):
     assert items[0].turns[0].boxes == [[1, 2, 3, 4]] and items[0].meta == {"num_choices": 4}
     assert isinstance(items[1], Skip) and "expected a JSON object" in items[1].reason
     assert isinstance(items[2], Skip) and "malformed canonical record" in items[2].reason
+
+
+def test_resolve_media_is_lexical_refuses_escapes_and_keeps_symlinks_inside(tmp_path):
+    from mm15.base.data import resolve_media
+    from mm15.base.sample import Media, Sample, SampleError, Turn
+
+    root, elsewhere = tmp_path / "root", tmp_path / "disk2"
+    root.mkdir(), elsewhere.mkdir()
+    (root / "linked").symlink_to(elsewhere, target_is_directory=True)
+
+    def sample(path):
+        return Sample("r", [Turn("user", "<image> q"), Turn("assistant", "a")], [Media(path)], "t", "f.json")
+
+    assert resolve_media(sample("a/../b.png"), str(root)).media[0].path == str(root / "b.png")
+    assert resolve_media(sample("linked/x.png"), str(root)).media[0].path == str(root / "linked" / "x.png")
+    for bad in ("../disk2/x.png", str(elsewhere / "x.png"), "a/../../x.png"):
+        with pytest.raises(SampleError, match="escapes the media root"):
+            resolve_media(sample(bad), str(root))

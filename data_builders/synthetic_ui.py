@@ -17,7 +17,10 @@ Tasks, one record per screen and task when it applies, with Ferret-UI's names an
     find_widget            "Where is the text field located?" -> "<bbox_location0>"
     widget_listing         "List all the widgets on the screen with their locations."
                            -> "Button <bbox_location0>, Icon <bbox_location1>, ..." (reading order)
-Chance for widget classification is 1/4, for OCR 1/len(WORDS).
+Chance for widget classification is 1/4, for OCR 1/len(WORDS). `read` adds `meta["on_screen_answers"]`
+to referring samples (the kinds / words the screen shows, from `<split>/SCREENS`), so the metrics can
+report the on-screen baseline: on the default distinct screens only the button and the label carry a
+word, so naming either word scores 1/2 on OCR without looking at the referred region.
 
     source = SyntheticUISource("data/ui", split="train", num_screens=600)
     source.prepare()    # idempotent: writes data/ui/images/*.png and data/ui/train/<task>_<platform>_train.json

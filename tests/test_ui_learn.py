@@ -1,17 +1,20 @@
-"""The synthetic UI demo learns referring and grounding: `configs/ui/demo.yaml` trained on CPU, then
-`test` prints the UI results table, writes predictions and overlays.
+"""The synthetic UI demo learns: `configs/ui/demo.yaml` (MM1.5 dynamic splitting, 3 crops) trained
+on CPU, then `test` prints the UI results table, writes predictions and overlays.
 
-Bar (default suite): grounding accuracy (IoU > 0.5), averaged over Grd-i and Grd-A, clearly above
-what always predicting the average box scores. Referring (Ref-i / Ref-A) is printed, not asserted:
-on screens where neither the box size nor "name anything on screen" gives the answer away, this tiny
-from-scratch model stays at chance in the CPU budget (the open part of the UI issue).
-`benchmarks/referring_steps.py` shows why: even with ideal image features, the tiny LLM needs
-thousands of steps to learn "read the coordinates, then look up that region", while a lookup by
-position alone or reading the coordinates alone takes a few hundred. The slow test also trains
-`configs/ui/demo_nosplit.yaml` and prints both tables, so the effect of dynamic splitting on small
-elements can be read off:
+Bar asserted (default suite): grounding accuracy (IoU > 0.5), mean of Grd-i and Grd-A, clearly above
+always predicting the average box (measured 0.27-0.29 against 0.03 with seeds 0, 1 and 2).
 
-    python -m pytest tests/test_ui_learn.py -m slow -s
+Referring (Ref-i / Ref-A) is printed, not asserted: the issue's bar (2x chance) is met by seed 0
+(Ref 0.82, widget type 0.88, OCR 0.75 against its on-screen baseline 0.5) but not by seeds 1 and 2
+(0.24, 0.22) in 2000 steps, nor by seeds 1 and 2 of a 3000-step schedule (0.46, 0.38; seed 0: 0.62).
+A bar that only one seed in three meets would be a picked seed, not a test. The README (MM1.5-UI)
+has the figures. The table's `on_screen` column is the shortcut level (naming a random candidate
+shown on the screen: 1/2 for OCR), so a referring score is read against it as well as chance.
+
+The slow test also trains `configs/ui/demo_nosplit.yaml` and prints both tables, so the effect of
+dynamic splitting on small elements can be read off (`-n 0` so that its print reaches the terminal):
+
+    python -m pytest tests/test_ui_learn.py -m slow -s -n 0
 """
 
 from pathlib import Path
@@ -54,10 +57,12 @@ def test_ui_demo_learns_grounding(tmp_path, monkeypatch, capsys):
     grounding, average_box = category(rows, "Grd")
     referring, chance = category(rows, "Ref")
     with capsys.disabled():
-        print(f"grounding {grounding:.3f} vs average box {average_box:.3f}; referring {referring:.3f} vs chance {chance:.3f}")
+        print(f"grounding {grounding:.3f} vs average box {average_box:.3f}; referring {referring:.3f} vs chance {chance:.3f}"
+              f" (on screen {sum(rows[f'Ref-{p}']['on_screen'] for p in 'iA') / 2:.3f})")
     assert grounding >= average_box + 0.15 and grounding >= 2 * average_box, rows
     run = tmp_path / "runs" / "ui_demo"
-    assert "test results" in out and "Grd-i" in out and "Ref-A" in out
+    assert "test results" in out and "Grd-i" in out and "Ref-A" in out and "on_screen" in out
+    assert rows["Ref-i"]["on_screen"] is not None and rows["Ref-A"]["on_screen"] is not None
     assert (run / "test_predictions.jsonl").exists()
     assert len(list((run / "overlays").glob("*.png"))) == 16
     assert list((run / "logs").rglob("events.out.tfevents.*"))  # overlays and metrics in TensorBoard

@@ -35,9 +35,9 @@ class ConnectorSpec:
     hidden_size: width of the RegStages (Honeybee/MM1: 1024).
     depth: bottleneck blocks per RegStage (3).
     se_ratio: squeeze-excitation ratio inside each bottleneck (0.25).
-    pos_embed_std: init std of the learnable position embedding (Honeybee: 0.02). A from-scratch tiny
-        tower carries little position at init; the best UI run in the README's notes used 1.0 (its
-        effect was not isolated from the other changes there).
+    pos_embed_std: init std of the learnable position embedding (Honeybee: 0.02). For from-scratch
+        tiny towers: measured in the README's UI sweep, 1.0 did well with one crop, but with splitting
+        it gives every crop the same strong position pattern and 0.02 (the demo) did better.
     """
 
     kind: Literal["c_abstractor", "mlp"] = "c_abstractor"

@@ -186,9 +186,9 @@ QUESTIONS = {  # task -> (question, answer) for one widget; referring tasks put 
 }
 
 
-# Referring tasks -> the answer about one widget; what is on a screen gives the on-screen baseline
+# Referring tasks: their answers for every candidate widget of a screen give the on-screen baseline
 # (`meta["on_screen_answers"]`): naming any of them at random, no referring needed.
-ANSWER = {"widget_classification": lambda w: w.kind, "ocr": lambda w: w.word}
+REFERRING = ("widget_classification", "ocr")
 
 
 def candidates(task: str, widgets: list[Widget]) -> list[Widget]:
@@ -285,7 +285,7 @@ class SyntheticUISource:
             image, widgets = make_screen(rng, platform, self.screen)
             name = f"images/{self.split}_{i:05d}.png"
             image.save(self.root / name)
-            screens[name] = {task: sorted({ANSWER[task](w) for w in candidates(task, widgets)}) for task in ANSWER}
+            screens[name] = {t: sorted({QUESTIONS[t](w)[1] for w in candidates(t, widgets)}) for t in REFERRING}
             for task, rec in screen_records(name, image.size, widgets, rng, self.questions).items():
                 if task in self.tasks:
                     files[f"{task}_{platform}_{self.split}.json"].append(rec)
@@ -300,6 +300,6 @@ class SyntheticUISource:
         on_screen = self.split_dir / "SCREENS"  # written with the split (absent in copies made by hand)
         screens = json.loads(on_screen.read_text()) if on_screen.is_file() else {}
         for sample in FerretUISource(str(self.split_dir), media_root=self.media_root).read():
-            if isinstance(sample, Sample) and sample.task in ANSWER and sample.media[0].path in screens:
+            if isinstance(sample, Sample) and sample.task in REFERRING and sample.media[0].path in screens:
                 sample.meta["on_screen_answers"] = screens[sample.media[0].path][sample.task]
             yield sample

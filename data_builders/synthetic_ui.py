@@ -20,7 +20,9 @@ Tasks, one record per screen and task when it applies, with Ferret-UI's names an
 Chance for widget classification is 1/4, for OCR 1/len(WORDS). `read` adds `meta["on_screen_answers"]`
 to referring samples (the kinds / words the screen shows, from `<split>/SCREENS`), so the metrics can
 report the on-screen baseline: on the default distinct screens only the button and the label carry a
-word, so naming either word scores 1/2 on OCR without looking at the referred region.
+word, so naming either word scores 1/2 on OCR without looking at the referred region. Grounding samples
+get `meta["on_screen_boxes"]` (every widget's box): answering with one of them at random is the layout
+prior, 1/4 on a four-widget screen, far above the average box.
 
     source = SyntheticUISource("data/ui", split="train", num_screens=600)
     source.prepare()    # idempotent: writes data/ui/images/*.png and data/ui/train/<task>_<platform>_train.json
@@ -189,6 +191,9 @@ QUESTIONS = {  # task -> (question, answer) for one widget; referring tasks put 
 # Referring tasks: their answers for every candidate widget of a screen give the on-screen baseline
 # (`meta["on_screen_answers"]`): naming any of them at random, no referring needed.
 REFERRING = ("widget_classification", "ocr")
+# Grounding tasks asking for one element: answering with any box of the screen gives their on-screen
+# baseline (`meta["on_screen_boxes"]`): knowing the layout, not which element is asked for.
+GROUNDING = ("find_text", "find_widget")
 
 
 def candidates(task: str, widgets: list[Widget]) -> list[Widget]:
@@ -266,7 +271,7 @@ class SyntheticUISource:
 
     def manifest(self) -> dict:
         return {"num_screens": self.num_screens, "seed": self.seed, "tasks": self.tasks, "screen": asdict(self.screen),
-                "questions": self.questions, "words": list(WORDS), "version": 4}
+                "questions": self.questions, "words": list(WORDS), "version": 5}
 
     def prepare(self) -> None:
         """Write the split unless the same one is already there."""
@@ -286,6 +291,7 @@ class SyntheticUISource:
             name = f"images/{self.split}_{i:05d}.png"
             image.save(self.root / name)
             screens[name] = {t: sorted({QUESTIONS[t](w)[1] for w in candidates(t, widgets)}) for t in REFERRING}
+            screens[name]["boxes"] = [w.box for w in widgets]
             for task, rec in screen_records(name, image.size, widgets, rng, self.questions).items():
                 if task in self.tasks:
                     files[f"{task}_{platform}_{self.split}.json"].append(rec)
@@ -300,6 +306,10 @@ class SyntheticUISource:
         on_screen = self.split_dir / "SCREENS"  # written with the split (absent in copies made by hand)
         screens = json.loads(on_screen.read_text()) if on_screen.is_file() else {}
         for sample in FerretUISource(str(self.split_dir), media_root=self.media_root).read():
-            if isinstance(sample, Sample) and sample.task in REFERRING and sample.media[0].path in screens:
-                sample.meta["on_screen_answers"] = screens[sample.media[0].path][sample.task]
+            if isinstance(sample, Sample) and sample.media[0].path in screens:
+                shown = screens[sample.media[0].path]
+                if sample.task in REFERRING:
+                    sample.meta["on_screen_answers"] = shown[sample.task]
+                elif sample.task in GROUNDING:
+                    sample.meta["on_screen_boxes"] = shown["boxes"]
             yield sample

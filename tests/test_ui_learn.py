@@ -48,6 +48,11 @@ def category(rows: dict, kind: str) -> tuple[float, float]:
     return sum(r["score"] for r in chosen) / 2, sum(r["baseline"] for r in chosen) / 2
 
 
+def on_screen(rows: dict, kind: str) -> float:
+    """Mean on-screen baseline (naming / pointing at a random element of the screen) of `kind`."""
+    return sum(rows[f"{kind}-{p}"]["on_screen"] for p in "iA") / 2
+
+
 def test_ui_demo_learns_grounding(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     rows, cli = train_and_test(DEMO)
@@ -57,12 +62,12 @@ def test_ui_demo_learns_grounding(tmp_path, monkeypatch, capsys):
     grounding, average_box = category(rows, "Grd")
     referring, chance = category(rows, "Ref")
     with capsys.disabled():
-        print(f"grounding {grounding:.3f} vs average box {average_box:.3f}; referring {referring:.3f} vs chance {chance:.3f}"
-              f" (on screen {sum(rows[f'Ref-{p}']['on_screen'] for p in 'iA') / 2:.3f})")
+        print(f"grounding {grounding:.3f} vs average box {average_box:.3f} (on screen {on_screen(rows, 'Grd'):.3f});"
+              f" referring {referring:.3f} vs chance {chance:.3f} (on screen {on_screen(rows, 'Ref'):.3f})")
     assert grounding >= average_box + 0.15 and grounding >= 2 * average_box, rows
     run = tmp_path / "runs" / "ui_demo"
     assert "test results" in out and "Grd-i" in out and "Ref-A" in out and "on_screen" in out
-    assert rows["Ref-i"]["on_screen"] is not None and rows["Ref-A"]["on_screen"] is not None
+    assert all(rows[f"{kind}-{p}"]["on_screen"] is not None for kind in ("Ref", "Grd") for p in "iA")
     assert (run / "test_predictions.jsonl").exists()
     assert len(list((run / "overlays").glob("*.png"))) == 16
     assert list((run / "logs").rglob("events.out.tfevents.*"))  # overlays and metrics in TensorBoard

@@ -151,6 +151,26 @@ def test_on_screen_baseline_is_naming_a_random_candidate_on_the_screen():
     assert ocr_only["Ref-i"]["on_screen"] == pytest.approx((1 / 2 + 1 / 3) / 2)
 
 
+def test_grounding_on_screen_baseline_is_answering_with_a_random_element_box():
+    # Screen 1: the asked-for box [0,0,100,100] among 4 boxes; [0,0,100,90] also matches (IoU 0.9),
+    # the other two do not -> 2/4. Screen 2: the true box is the only close one of 2 -> 1/2.
+    first = record("find_text", "iphone", "[0, 0, 100, 100]", "<bbox_location0>", [[0, 0, 100, 100]])
+    first["meta"]["on_screen_boxes"] = [[0, 0, 100, 100], [0, 0, 100, 90], [0, 500, 100, 600], [0, 0, 300, 300]]
+    second = record("find_text", "iphone", "[0, 0, 10, 10]", "<bbox_location0>", [[200, 200, 400, 400]])
+    second["meta"]["on_screen_boxes"] = [[200, 200, 400, 400], [600, 600, 800, 800]]
+    widget = record("find_widget", "iphone", "[0, 0, 10, 10]", "<bbox_location0>", [[0, 0, 10, 10]])
+    rows = {r["task"]: r for r in M.ui_results([first, second, widget], BoxCodec())}
+    assert rows["iphone/find_text"]["score"] == pytest.approx(1 / 2)
+    assert rows["iphone/find_text"]["on_screen"] == pytest.approx((2 / 4 + 1 / 2) / 2)
+    assert rows["iphone/find_widget"]["on_screen"] is None and rows["Grd-i"]["on_screen"] is None
+    widget["meta"]["on_screen_boxes"] = [[0, 0, 10, 10], [0, 0, 10, 10], [50, 50, 60, 60]]  # 2 of 3
+    rows = {r["task"]: r for r in M.ui_results([first, second, widget], BoxCodec())}
+    assert rows["Grd-i"]["on_screen"] == pytest.approx(((2 / 4 + 1 / 2) / 2 + 2 / 3) / 2)
+    listing = record("widget_listing", "iphone", "", "", [[0, 0, 10, 10], [20, 20, 30, 30]])
+    listing["meta"]["on_screen_boxes"] = [[0, 0, 10, 10]]
+    assert M.ui_results([listing], BoxCodec())[0]["on_screen"] is None  # several true boxes: not defined
+
+
 def test_grounding_decodes_in_the_original_frame_of_each_record():
     codec = BoxCodec()
     size = (1170, 2532)

@@ -138,3 +138,13 @@ def test_on_screen_answers_list_what_the_screen_shows(tmp_path):
             assert sorted(shown) == sorted(WIDGETS)
         else:
             assert len(shown) == 2 and set(shown) <= set(WORDS)
+
+
+def test_on_screen_boxes_are_every_widget_of_the_screen(tmp_path):
+    """Grounding samples carry `meta["on_screen_boxes"]`: the boxes of all widgets of their screen (4 on
+    the default screens), the asked-for box among them; the layout prior scores 1/4 on them."""
+    items = list(SyntheticUISource(str(tmp_path), "test", num_screens=20, tasks=["find_text", "find_widget", "ocr"]).read())
+    grounding = [s for s in items if s.task in ("find_text", "find_widget")]
+    assert grounding and all("on_screen_boxes" not in s.meta for s in items if s.task == "ocr")
+    for s in grounding:
+        assert len(s.meta["on_screen_boxes"]) == 4 and s.meta["answer_boxes"][0] in s.meta["on_screen_boxes"]

@@ -14,6 +14,9 @@ Per task (and platform), from prediction records (`id`, `task`, `prediction`, `a
   score is the number of one-to-one matches at IoU > 0.5 over max(#true, #predicted) [choice].
   True boxes come from `meta["answer_boxes"]` in original pixels; predictions are decoded with the
   run's `BoxCodec`. Baseline: the same score for always predicting the task's average true box.
+  Where the data lists the boxes of the screen's elements (`meta["on_screen_boxes"]`, the synthetic
+  UI task), `on_screen` is the expected score of answering with one of them at random: a model that
+  knows the layout but not which element is asked for scores that much (1/4 on a four-widget screen).
 * Spotlight: CIDEr-D for `screen2words` and `widgetcaptions` (`cider_d`), F1 of "tappable" for
   `taperception` (`binary_f1`). Advanced tasks are counted, not scored (Ferret-UI uses a GPT judge).
 * Category averages: Ref-i / Ref-A / Grd-i / Grd-A, the mean of the per-task scores of that kind
@@ -171,13 +174,18 @@ def score_referring(records: list[dict[str, Any]]) -> tuple[float, float, float 
     return sum(hits) / len(hits), chance, on_screen
 
 
-def score_grounding(records: list[dict[str, Any]], codec: BoxCodec) -> tuple[float, float]:
+def score_grounding(records: list[dict[str, Any]], codec: BoxCodec) -> tuple[float, float, float | None]:
+    """(score, average-box baseline, on-screen baseline or None where the data does not list the boxes)."""
     true = [r["meta"].get("answer_boxes") or [] for r in records]
     scores = [grounding_score(codec.decode_boxes(r["prediction"], _size(r)), t) for r, t in zip(records, true)]
     firsts = [t[0] for t in true if t]
     mean_box = [average_box(firsts)] if firsts else []
     baseline = [grounding_score(mean_box * max(len(t), 1), t) for t in true]
-    return sum(scores) / len(scores), sum(baseline) / len(baseline)
+    shown = [r["meta"].get("on_screen_boxes") or [] for r in records]
+    on_screen = None
+    if all(shown) and all(len(t) == 1 for t in true):  # one asked-for element: pick one box of the screen
+        on_screen = sum(sum(grounding_score([b], t) for b in s) / len(s) for s, t in zip(shown, true)) / len(true)
+    return sum(scores) / len(scores), sum(baseline) / len(baseline), on_screen
 
 
 def score_task(task: str, records: list[dict[str, Any]], codec: BoxCodec) -> dict[str, Any]:
@@ -189,7 +197,7 @@ def score_task(task: str, records: list[dict[str, Any]], codec: BoxCodec) -> dic
         row["score"], row["baseline"], row["on_screen"] = score_referring(records)
     elif kind == "grounding":
         row["metric"] = "iou>0.5"
-        row["score"], row["baseline"] = score_grounding(records, codec)
+        row["score"], row["baseline"], row["on_screen"] = score_grounding(records, codec)
     elif kind == "caption":
         row["metric"] = "cider_d"
         row["score"] = cider_d([r["prediction"] for r in records], [[r["answer"]] for r in records])

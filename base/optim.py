@@ -2,8 +2,8 @@
 
 `WarmupCosine(optimizer, total_steps, warmup_ratio=0.03, min_lr_ratio=0.0, stable_ratio=0.0)`: linear
 warmup, then cosine decay to `min_lr_ratio` x the peak (MM1.5: cosine to 0). `stable_ratio` holds the
-peak for that fraction of the steps after warmup before the decay starts (warmup-stable-decay). `total_steps` comes from the
-trainer (`estimated_stepping_batches`), so YAML only names the shape:
+peak for that fraction of the steps after warmup before the decay starts (warmup-stable-decay).
+`total_steps` comes from the trainer (`estimated_stepping_batches`), so YAML only names the shape:
 
     scheduler:
       class_path: mm15.base.optim.WarmupCosine

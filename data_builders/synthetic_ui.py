@@ -41,7 +41,7 @@ from PIL import Image, ImageDraw
 
 from mm15.base.sample import Sample, Skip
 
-from .ferret_ui import FerretUISource
+from .ferret_ui import TASKS, FerretUISource
 
 # Words of different lengths: their extent is a cue a tiny model can read at 32 px crops.
 WORDS = ("OK", "Add", "Back", "Cancel")
@@ -191,9 +191,6 @@ QUESTIONS = {  # task -> (question, answer) for one widget; referring tasks put 
 # Referring tasks: their answers for every candidate widget of a screen give the on-screen baseline
 # (`meta["on_screen_answers"]`): naming any of them at random, no referring needed.
 REFERRING = ("widget_classification", "ocr")
-# Grounding tasks asking for one element: answering with any box of the screen gives their on-screen
-# baseline (`meta["on_screen_boxes"]`): knowing the layout, not which element is asked for.
-GROUNDING = ("find_text", "find_widget")
 
 
 def candidates(task: str, widgets: list[Widget]) -> list[Widget]:
@@ -310,6 +307,6 @@ class SyntheticUISource:
                 shown = screens[sample.media[0].path]
                 if sample.task in REFERRING:
                     sample.meta["on_screen_answers"] = shown[sample.task]
-                elif sample.task in GROUNDING:
+                elif TASKS.get(sample.task) == "grounding":  # the layout prior (metrics: one asked-for box)
                     sample.meta["on_screen_boxes"] = shown["boxes"]
             yield sample

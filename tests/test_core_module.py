@@ -104,16 +104,22 @@ def test_adafactor_injection_steps_with_per_component_groups():
     assert {g["lr"] for g in optimizer.param_groups} == {1e-3, 1e-5}
 
 
-def test_warmup_cosine_schedule():
+def schedule_lrs(steps: int = 100, **kwargs) -> list[float]:
+    """The learning rate at each of `steps` steps of a `WarmupCosine(total_steps=steps, **kwargs)` at peak 1."""
     from mm15.base.optim import WarmupCosine
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = WarmupCosine(opt, total_steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    sched = WarmupCosine(opt, total_steps=steps, **kwargs)
     lrs = []
-    for _ in range(100):
+    for _ in range(steps):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
+    return lrs
+
+
+def test_warmup_cosine_schedule():
+    lrs = schedule_lrs(warmup_steps=10, min_lr_ratio=0.1)
     assert lrs[0] < lrs[5] < lrs[9] <= 1.0  # linear warmup
     assert max(lrs) == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # monotone cosine decay
@@ -122,15 +128,9 @@ def test_warmup_cosine_schedule():
 def test_warmup_stable_decay_holds_the_peak_then_decays():
     from mm15.base.optim import WarmupCosine
 
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = WarmupCosine(opt, total_steps=100, warmup_steps=10, stable_ratio=0.5)
-    lrs = []
-    for _ in range(100):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    lrs = schedule_lrs(warmup_steps=10, stable_ratio=0.5)
     assert lrs[9] < 1.0 and all(lr == 1.0 for lr in lrs[10:60])  # warmup, then 50 steps at the peak
     assert lrs[60] == 1.0 and lrs[61] < 1.0 and lrs[80] == pytest.approx(0.5, abs=0.02)  # cosine over 60..100
     assert all(a >= b for a, b in zip(lrs[60:], lrs[61:]))
     with pytest.raises(ValueError, match="stable_ratio"):
-        WarmupCosine(opt, total_steps=100, stable_ratio=1.0)
+        WarmupCosine(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), total_steps=100, stable_ratio=1.0)

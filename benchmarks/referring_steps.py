@@ -29,7 +29,7 @@ only), seeds 0-3: 2 layers reach 2x chance at 1500 / 2000 / - / - steps (final 0
 matter of the seed.
 
     python benchmarks/referring_steps.py [--steps 3000] [--layers 2 3] [--seed 0] [--init 0.02] [--clip 0]
-        [--cosine] [--row_scale 1.0]
+        [--cosine] [--row_scale 1.0] [--heads 4] [--kv_heads 2]
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def run(name: str, layers: int, args: argparse.Namespace) -> tuple[int | None, f
     tok = tiny_tokenizer(TINY_WORDS)
     model = LlamaForCausalLM(LlamaConfig(
         vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, max_position_embeddings=1024, tie_word_embeddings=True,
         initializer_range=args.init))
     vectors = (torch.randn(4, args.hidden), args.row_scale * torch.randn(4, args.hidden))
     task = Task(name, vectors, tok, rng)
@@ -128,6 +128,8 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv_heads", type=int, default=2)
     p.add_argument("--init", type=float, default=0.02, help="LLM initializer_range (the UI demo: 0.1)")
     p.add_argument("--clip", type=float, default=0.0, help="gradient-norm clipping, 0: none (the UI demo: 1.0)")
     p.add_argument("--cosine", action="store_true", help="5%% warmup then cosine to 0, as the UI demo")

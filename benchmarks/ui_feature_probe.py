@@ -29,10 +29,10 @@ import random
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 from pytorch_lightning import LightningDataModule
 
+from mm15.base.checkpointing import frozen_parameter_names
 from mm15.base.cli import MM15CLI
 from mm15.base.module import MM15Module
 from mm15.base.sample import Media, Sample, Turn
@@ -50,8 +50,7 @@ def image_tokens(module: MM15Module, screens: int, seed: int) -> tuple[torch.Ten
             image.save(path)
             sample = Sample(f"probe{i}", [Turn("user", "<image>\n?"), Turn("assistant", "-")],
                             [Media(path=path, kind="image")], task="probe", source="probe")
-            block = module.processor.load_media(sample, 0, sample.media[0])
-            pixels = module.processor.normalize(torch.from_numpy(np.ascontiguousarray(block.crops)).permute(0, 3, 1, 2))
+            pixels = module.processor.normalize(module.processor(sample)["pixel_values"])  # as a training batch
             with torch.no_grad():
                 tokens = module.model.encode_media(pixels)  # (crops, tokens per crop, d)
             feats.append(tokens.flatten())
@@ -89,9 +88,9 @@ def main() -> None:
     module.configure_model()
     if args.ckpt:
         state = torch.load(args.ckpt, map_location="cpu", weights_only=False)["state_dict"]
-        missing = module.load_state_dict(state, strict=False).missing_keys  # frozen, never-used post_layernorm
-        if any("post_layernorm" not in k for k in missing):
-            raise SystemExit(f"{args.ckpt} does not match {args.config}: missing {missing}")
+        missing = set(module.load_state_dict(state, strict=False).missing_keys) - frozen_parameter_names(module)
+        if missing:  # checkpoints leave frozen parameters out; anything else missing is another model
+            raise SystemExit(f"{args.ckpt} does not match {args.config}: missing {sorted(missing)}")
     module.eval()
     x, y, per_crop = image_tokens(module, args.screens, args.seed)
     n_train = int(len(x) * (1 - args.held_out))

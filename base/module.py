@@ -305,17 +305,30 @@ class MM15Module(pl.LightningModule):
             path.write_text("".join(json.dumps(r, default=str) + "\n" for r in records))
 
     # ----- optimisation --------------------------------------------------------------------------
+    def hidden_matrices(self) -> set[int]:
+        """ids of the hidden weight matrices: the weights of `nn.Linear` layers (LoRA's included), not the
+        LLM's output embedding (tied or not). `MuonAdamW` orthogonalises their updates."""
+        out = self.model.llm.get_output_embeddings()
+        skip = {id(out.weight)} if out is not None else set()
+        skip.add(id(self.model.llm.get_input_embeddings().weight))
+        return {id(m.weight) for m in self.model.modules()
+                if isinstance(m, torch.nn.Linear) and m.weight.ndim == 2 and id(m.weight) not in skip}
+
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """Trainable parameters per component, each with its own lr; no decay on 1-D tensors."""
-        groups = []
+        """Trainable parameters per component, each with its own lr: `<component>` the hidden matrices
+        (`muon: True`), `<component>_other` the other tensors of 2 or more dimensions (embeddings,
+        convolution kernels, position tables), `<component>_no_decay` the 1-D ones (no weight decay).
+        AdamW treats the first two alike; `MuonAdamW` gives the first to Muon."""
+        groups, matrices = [], self.hidden_matrices()
         for name in COMPONENTS:
             params = [p for p in getattr(self.model, name).parameters() if p.requires_grad]
             lr = getattr(self.learning_rates, name)
-            for decay in (True, False):
-                chosen = [p for p in params if (p.ndim >= 2) == decay]
+            for suffix, chosen in (("", [p for p in params if id(p) in matrices]),
+                                   ("_other", [p for p in params if p.ndim >= 2 and id(p) not in matrices]),
+                                   ("_no_decay", [p for p in params if p.ndim < 2])):
                 if chosen:
-                    group = {"params": chosen, "name": f"{name}{'' if decay else '_no_decay'}"}
-                    group.update({} if decay else {"weight_decay": 0.0})
+                    group = {"params": chosen, "name": name + suffix, "muon": suffix == ""}
+                    group.update({"weight_decay": 0.0} if suffix == "_no_decay" else {})
                     group.update({} if lr is None else {"lr": lr})
                     groups.append(group)
         if not groups:

@@ -87,6 +87,36 @@ def first_token_accuracy(model: LlamaForCausalLM, emb: torch.Tensor, labels: tor
     return (logits[rows, first - 1].argmax(-1) == labels[rows, first]).float().mean().item()
 
 
+def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """AdamW (the demo), or Muon on the 2-D weights inside the decoder layers with AdamW on the rest
+    (embeddings, norms), Muon's usual split."""
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    hidden = [p for n, p in model.named_parameters() if p.ndim == 2 and ".layers." in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim == 2 and ".layers." in n)]
+    muon = torch.optim.Muon(hidden, lr=args.muon_lr, weight_decay=0.0, adjust_lr_fn="match_rms_adamw")
+    adamw = torch.optim.AdamW(rest, lr=args.lr, weight_decay=0.0)
+    return _Chain(muon, adamw)
+
+
+class _Chain(torch.optim.Optimizer):
+    """Two optimizers stepped together, with one param_groups list for the LR schedule."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+        self.param_groups = [g for o in optimizers for g in o.param_groups]
+        self.defaults, self.state = {}, {}
+        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
+
+    def step(self, closure=None):
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none)
+
+
 def run(name: str, layers: int, args: argparse.Namespace) -> tuple[int | None, float, float]:
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
@@ -98,7 +128,7 @@ def run(name: str, layers: int, args: argparse.Namespace) -> tuple[int | None, f
     vectors = (torch.randn(4, args.hidden), args.row_scale * torch.randn(4, args.hidden))
     task = Task(name, vectors, tok, rng)
     held_out = Task(name, vectors, tok, random.Random(args.seed + 1))  # same "vision", other screens
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    opt = make_optimizer(model, args)
     sched = WarmupCosine(opt, args.steps, warmup_ratio=0.05) if args.cosine else None  # the demo's schedule
     embed, learned, acc, start = model.get_input_embeddings(), None, 0.0, time.perf_counter()
     for step in range(1, args.steps + 1):
@@ -134,6 +164,9 @@ def main() -> None:
     p.add_argument("--cosine", action="store_true", help="WarmupCosine with 5%% warmup, as the UI demo")
     p.add_argument("--row_scale", type=float, default=1.0,
                    help="scale of the row vector in the ideal image tokens; 0: position only through RoPE")
+    p.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
+                   help="muon: torch.optim.Muon on the decoder layers' matrices, AdamW on the rest")
+    p.add_argument("--muon_lr", type=float, default=4e-3, help="Muon lr (adjust_lr_fn match_rms_adamw)")
     p.add_argument("--eval_every", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()

@@ -57,6 +57,13 @@ def test_parameter_groups_per_component_learning_rate():
     groups = {g["name"]: g for g in module.parameter_groups()}
     assert groups["vision"]["lr"] == 1e-6 and groups["connector"]["lr"] == 1e-3 and "lr" not in groups["llm"]
     assert groups["llm_no_decay"]["weight_decay"] == 0.0
+    # hidden matrices (Muon's share) apart from embeddings and kernels; the output embedding is not one
+    llm = module.model.llm
+    assert groups["llm"]["muon"] and not groups["llm_other"]["muon"] and not groups["llm_no_decay"]["muon"]
+    assert all(p.ndim == 2 for g in groups.values() if g["muon"] for p in g["params"])
+    assert any(p is llm.get_input_embeddings().weight for p in groups["llm_other"]["params"])
+    assert not any(p is llm.get_output_embeddings().weight for p in groups["llm"]["params"])
+    assert any(p.ndim == 4 for p in groups["connector_other"]["params"])  # the RegStage convolutions
     n_params = sum(p.numel() for g in groups.values() for p in g["params"])
     assert n_params == sum(p.numel() for p in module.model.parameters() if p.requires_grad)
 

@@ -14,7 +14,8 @@ peak for that fraction of the steps after warmup before the decay starts (warmup
 The module's `parameter_groups()` marks which groups hold hidden matrices (`muon: True`: the weights of
 `nn.Linear` layers except the LLM's output embedding); embeddings, convolution kernels, position tables,
 norms and biases stay with AdamW, the usual split. One optimizer with ordinary per-parameter state, so
-checkpoints, resume and LR schedules work as with AdamW. `adjust_lr_fn: match_rms_adamw` (the default)
+checkpoints, resume and LR schedules work as with AdamW. Under FSDP2 each rank gathers a sharded
+matrix's update, orthogonalises the whole of it (the same result on every rank) and keeps its shard. `adjust_lr_fn: match_rms_adamw` (the default)
 scales each matrix's step to AdamW's RMS, so one `lr` serves both halves:
 
     optimizer:
@@ -28,6 +29,7 @@ import math
 from typing import Any, Iterable
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -137,8 +139,14 @@ class MuonAdamW(Optimizer):
         buf = state["momentum_buffer"]
         buf.lerp_(p.grad, 1 - group["momentum"])
         update = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+        dtype = getattr(torch, group["ns_dtype"])
+        if isinstance(update, DTensor):  # FSDP2 shards: orthogonalise the whole matrix, keep this rank's shard
+            ortho = orthogonalize(update.full_tensor(), group["ns_steps"], dtype=dtype)
+            ortho = distribute_tensor(ortho, update.device_mesh, update.placements, src_data_rank=None)
+        else:
+            ortho = orthogonalize(update, group["ns_steps"], dtype=dtype)
         p.mul_(1 - lr * decay)
-        p.add_(orthogonalize(update, group["ns_steps"], dtype=getattr(torch, group["ns_dtype"])), alpha=-lr * self._scale(group, p.shape))
+        p.add_(ortho, alpha=-lr * self._scale(group, p.shape))
 
     def _adamw_update(self, p: torch.Tensor, state: dict, group: dict[str, Any], lr: float, decay: float) -> None:
         if "step" not in state:

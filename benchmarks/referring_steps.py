@@ -41,7 +41,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mm15.base.optim import WarmupCosine
+from mm15.base.optim import MuonAdamW, WarmupCosine
 from mm15.base.tiny import TINY_WORDS, tiny_tokenizer
 
 KINDS = ("Button", "Text field", "Icon", "Label")
@@ -88,33 +88,14 @@ def first_token_accuracy(model: LlamaForCausalLM, emb: torch.Tensor, labels: tor
 
 
 def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
-    """AdamW (the demo), or Muon on the 2-D weights inside the decoder layers with AdamW on the rest
-    (embeddings, norms), Muon's usual split."""
+    """AdamW (the demo's optimizer), or `MuonAdamW`: Muon on the decoder layers' matrices, AdamW on the
+    embeddings and norms (the split `MM15Module.parameter_groups` makes)."""
     if args.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    hidden = [p for n, p in model.named_parameters() if p.ndim == 2 and ".layers." in n]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim == 2 and ".layers." in n)]
-    muon = torch.optim.Muon(hidden, lr=args.muon_lr, weight_decay=0.0, adjust_lr_fn="match_rms_adamw")
-    adamw = torch.optim.AdamW(rest, lr=args.lr, weight_decay=0.0)
-    return _Chain(muon, adamw)
-
-
-class _Chain(torch.optim.Optimizer):
-    """Two optimizers stepped together, with one param_groups list for the LR schedule."""
-
-    def __init__(self, *optimizers: torch.optim.Optimizer):
-        self.optimizers = optimizers
-        self.param_groups = [g for o in optimizers for g in o.param_groups]
-        self.defaults, self.state = {}, {}
-        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
-
-    def step(self, closure=None):
-        for o in self.optimizers:
-            o.step()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for o in self.optimizers:
-            o.zero_grad(set_to_none)
+    named = list(model.named_parameters())
+    matrix = [p.ndim == 2 and ".layers." in n for n, p in named]
+    return MuonAdamW([{"params": [p for (_, p), m in zip(named, matrix) if m], "muon": True},
+                      {"params": [p for (_, p), m in zip(named, matrix) if not m]}], lr=args.lr, weight_decay=0.0)
 
 
 def run(name: str, layers: int, args: argparse.Namespace) -> tuple[int | None, float, float]:
@@ -165,8 +146,7 @@ def main() -> None:
     p.add_argument("--row_scale", type=float, default=1.0,
                    help="scale of the row vector in the ideal image tokens; 0: position only through RoPE")
     p.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
-                   help="muon: torch.optim.Muon on the decoder layers' matrices, AdamW on the rest")
-    p.add_argument("--muon_lr", type=float, default=4e-3, help="Muon lr (adjust_lr_fn match_rms_adamw)")
+                   help="muon: mm15.base.optim.MuonAdamW (Muon on the decoder layers' matrices, AdamW on the rest)")
     p.add_argument("--eval_every", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()

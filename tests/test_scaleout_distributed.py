@@ -106,6 +106,28 @@ def test_fsdp2_two_processes_match_one_process(reference, data_dir, tmp_path):
     assert worst < 1e-4, worst
 
 
+MUON = ["--model.init_args.optimizer.class_path", "mm15.base.optim.MuonAdamW"]
+
+
+def test_fsdp2_with_muon_matches_one_process(reference, data_dir, tmp_path):
+    """`MuonAdamW` on FSDP2 shards (each rank orthogonalises the whole gathered update) takes the same
+    steps as in one process: Muon on the LoRA matrices and the connector's readout, AdamW on the rest."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    config = write_config(one / "fit.yaml", tiny_run_config(one, data_dir))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        MM15CLI(MM15Module, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                auto_configure_optimizers=False, args=["fit", "--config", str(config), *MUON])
+    finally:
+        torch.set_num_threads(threads)
+    muon = {"losses": read_losses(one / "losses")}
+    assert [r["ids"] for r in muon["losses"]] == [r["ids"] for r in reference["losses"]]
+    assert muon["losses"][-1]["loss"] != reference["losses"][-1]["loss"]  # not AdamW's steps
+    _compare_to_reference(_two_process_run("fsdp2.yaml", two, data_dir, *MUON), muon)
+
+
 def test_kill_while_writing_checkpoint_then_resume_reproduces_the_curve(reference, data_dir, tmp_path):
     plugin = {"class_path": "scaleout_support.DyingCheckpointIO", "init_args": {"die_on_save": 2}}
     killed = write_config(tmp_path / "killed.yaml", tiny_run_config(tmp_path, data_dir, plugins=[plugin]))

@@ -1,22 +1,19 @@
 """The synthetic UI demo learns: `configs/ui/demo.yaml` (MM1.5 dynamic splitting, 3 crops) trained
 on CPU, then `test` prints the UI results table, writes predictions and overlays.
 
-Bar asserted (default suite): grounding accuracy (IoU > 0.5), mean of Grd-i and Grd-A, clearly above
-always predicting the average box (measured 0.27-0.29 against 0.03 with seeds 0, 1 and 2). The printed
-on-screen level for grounding (the box of a random widget of the screen: 0.25) is the layout prior;
-the demo's grounding is at or a little above it, so the bar shows the pipeline learns where widgets sit.
+Bars asserted (default suite), the issue's two and one more:
+* referring (mean of Ref-i and Ref-A: widget type and OCR at a point) at least twice chance (0.5);
+* grounding accuracy (IoU > 0.5, mean of Grd-i and Grd-A) clearly above always predicting the average
+  box (0.03), and above the layout prior (`on_screen`: the box of a random widget of the screen, 0.25)
+  by 0.1, so it finds which widget is asked for, not only where widgets sit.
 
-Referring (Ref-i / Ref-A) is printed, not asserted: the issue's bar (2x chance) is met by seed 0
-(Ref 0.82, widget type 0.88, OCR 0.75 against its on-screen baseline 0.5) but not by seeds 1 and 2
-(0.24, 0.22) in 2000 steps, nor by seeds 1 and 2 of a 3000-step schedule (0.46, 0.38; seed 0: 0.62).
-A bar that only one seed in three meets would be a picked seed, not a test. More changes were tried on
-seeds 1-3: 15 in session 6, 7 in session 7 (a 3-layer LLM, 8 x 8 heads, and variants of both) and 11 in
-session 8 (stretched crops, 4000 steps, RoPE theta 100, 3 layers with canvas 100, AdamW beta1 0.98,
-weight decay 0.1, untied embeddings, a 90-token sequence, both of those, an LFM2 LLM, portrait-only
-training screens). None made the failing seeds escape together; 4000 steps, twice the test's time,
-rescued seed 2 but not seed 1. The README (MM1.5-UI) has the figures. The table's `on_screen` column
-is the shortcut level (naming a random candidate shown on the screen: 1/2 for OCR), so a referring
-score is read against it as well as chance.
+Measured with the demo (MuonAdamW, LLM init std 0.02, 2000 steps), seeds 0-3: Ref 0.58, 0.92, 1.0,
+0.93; Grd 0.56, 0.48, 0.58, 0.42. With AdamW (sessions 5-8, 44 changes tried) referring left the plateau
+where the LLM answers from the screen as a whole in about one run in three, so referring was printed and
+not asserted; Muon's orthogonalised updates get the two-step lookup (read the coordinates, attend to that
+region) in every seed tried. The README (MM1.5-UI) has the figures. The table's `on_screen` column is the
+shortcut level (naming a random candidate shown on the screen: 1/2 for OCR), so a referring score is read
+against it as well as chance.
 
 The slow test also trains `configs/ui/demo_nosplit.yaml` and prints both tables, so the effect of
 dynamic splitting on small elements can be read off (`-n 0` so that its print reaches the terminal):
@@ -60,7 +57,7 @@ def on_screen(rows: dict, kind: str) -> float:
     return sum(rows[f"{kind}-{p}"]["on_screen"] for p in "iA") / 2
 
 
-def test_ui_demo_learns_grounding(tmp_path, monkeypatch, capsys):
+def test_ui_demo_learns_referring_and_grounding(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     rows, cli = train_and_test(DEMO)
     out = capsys.readouterr().out
@@ -71,7 +68,9 @@ def test_ui_demo_learns_grounding(tmp_path, monkeypatch, capsys):
     with capsys.disabled():
         print(f"grounding {grounding:.3f} vs average box {average_box:.3f} (on screen {on_screen(rows, 'Grd'):.3f});"
               f" referring {referring:.3f} vs chance {chance:.3f} (on screen {on_screen(rows, 'Ref'):.3f})")
+    assert referring >= 2 * chance, rows
     assert grounding >= average_box + 0.15 and grounding >= 2 * average_box, rows
+    assert grounding >= on_screen(rows, "Grd") + 0.1, rows
     run = tmp_path / "runs" / "ui_demo"
     assert "test results" in out and "Grd-i" in out and "Ref-A" in out and "on_screen" in out
     assert all(rows[f"{kind}-{p}"]["on_screen"] is not None for kind in ("Ref", "Grd") for p in "iA")
@@ -84,7 +83,7 @@ def test_ui_demo_learns_grounding(tmp_path, monkeypatch, capsys):
 def test_splitting_versus_no_splitting(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     tables = {}
-    for name, config in (("dynamic splitting (4..9 crops + overview)", DEMO), ("no splitting (1 crop)", NOSPLIT)):
+    for name, config in (("dynamic splitting (2..4 crops + overview)", DEMO), ("no splitting (1 crop)", NOSPLIT)):
         rows, _ = train_and_test(config)
         tables[name] = rows
     with capsys.disabled():

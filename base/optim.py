@@ -12,11 +12,12 @@ peak for that fraction of the steps after warmup before the decay starts (warmup
 `MuonAdamW`: Muon (momentum, then the update orthogonalised by a Newton-Schulz iteration; Jordan et al.
 2024, the form `torch.optim.Muon` implements) on the hidden weight matrices, AdamW on everything else.
 The module's `parameter_groups()` marks which groups hold hidden matrices (`muon: True`: the weights of
-`nn.Linear` layers except the LLM's output embedding); embeddings, convolution kernels, position tables,
-norms and biases stay with AdamW, the usual split. One optimizer with ordinary per-parameter state, so
-checkpoints, resume and LR schedules work as with AdamW. Under FSDP2 each rank gathers a sharded
-matrix's update, orthogonalises the whole of it (the same result on every rank) and keeps its shard. `adjust_lr_fn: match_rms_adamw` (the default)
-scales each matrix's step to AdamW's RMS, so one `lr` serves both halves:
+`nn.Linear` layers except the LLM's input and output embeddings); embeddings, convolution kernels,
+position tables, norms and biases stay with AdamW, the usual split. One optimizer with ordinary
+per-parameter state, so checkpoints, resume and LR schedules work as with AdamW. Under FSDP2 each rank
+gathers a sharded matrix's update, orthogonalises the whole of it (the same result on every rank) and
+keeps its shard. `adjust_lr_fn: match_rms_adamw` (the default) scales each matrix's step to AdamW's RMS,
+so one `lr` serves both halves:
 
     optimizer:
       class_path: mm15.base.optim.MuonAdamW

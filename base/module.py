@@ -307,10 +307,10 @@ class MM15Module(pl.LightningModule):
     # ----- optimisation --------------------------------------------------------------------------
     def hidden_matrices(self) -> set[int]:
         """ids of the hidden weight matrices: the weights of `nn.Linear` layers (LoRA's included), not the
-        LLM's output embedding (tied or not). `MuonAdamW` orthogonalises their updates."""
+        LLM's output embedding (the `lm_head` Linear, tied to the input `nn.Embedding` or not).
+        `MuonAdamW` orthogonalises their updates."""
         out = self.model.llm.get_output_embeddings()
         skip = {id(out.weight)} if out is not None else set()
-        skip.add(id(self.model.llm.get_input_embeddings().weight))
         return {id(m.weight) for m in self.model.modules()
                 if isinstance(m, torch.nn.Linear) and m.weight.ndim == 2 and id(m.weight) not in skip}
 

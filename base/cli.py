@@ -5,7 +5,7 @@
     mm15 fit --config configs/base/demo.yaml --print_config     # the full, round-trippable config
 
 Model and data are chosen by `class_path` (`mm15.base.module.MM15Module`,
-`mm15.video.module.MM15VideoModule`, `mm15.ui.module.MM15UIModule`; `mm15.base.data.MM15DataModule`).
+`mm15.video.module.MM15VideoModule`, `mm15.ui.module.MM15UIModule`; `mm15.base.data.datamodule.MM15DataModule`).
 The optimizer and scheduler are init arguments of the module (`optimizer:` / `scheduler:` with
 `class_path`), because the module builds per-component parameter groups itself.
 """
@@ -17,7 +17,7 @@ import sys
 from pytorch_lightning import LightningDataModule
 from pytorch_lightning.cli import LightningCLI
 
-from .module import MM15Module
+from mm15.base.module import MM15Module
 
 
 class MM15CLI(LightningCLI):
@@ -35,7 +35,7 @@ class MM15CLI(LightningCLI):
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["export"]:
-        from .export import main as export_main
+        from mm15.base.training.export import main as export_main
 
         return export_main(argv[1:])
     MM15CLI(

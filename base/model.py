@@ -29,8 +29,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from .connector import ConnectorSpec, build_connector, tokens_per_crop
-from .sample import IMAGE_TOKEN
+from mm15.base.connector import ConnectorSpec, build_connector, tokens_per_crop
+from mm15.base.data.sample import IMAGE_TOKEN
 
 IGNORE_INDEX = -100
 SPEC_FILE = "mm15_config.json"
@@ -101,7 +101,7 @@ def vision_config(part: VisionSpec) -> Any:
 def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     """Tokenizer with the media placeholder token added and a pad token set."""
     if spec.tokenizer in ("tiny", "tiny-words"):
-        from .tiny import TINY_WORDS, tiny_tokenizer
+        from mm15.base.tiny import TINY_WORDS, tiny_tokenizer
 
         tok = tiny_tokenizer(TINY_WORDS if spec.tokenizer == "tiny-words" else ())
     else:

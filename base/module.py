@@ -9,9 +9,9 @@ Variants subclass it one level deep and override named hooks only:
 * `media_keepalive(batch)`: the zero-valued media pass of text-only batches (see `forward`)
 
 Scale-out (`configs/strategies/`): under Lightning's `ModelParallelStrategy` the module shards
-itself with FSDP2 in `configure_model` (`mm15.base.sharding`); LoRA/DoRA/QLoRA come from
-`mm15.base.adapters`; checkpoints hold only trainable weights when anything is frozen and refuse a
-config they were not trained with (`mm15.base.checkpointing`).
+itself with FSDP2 in `configure_model` (`mm15.base.training.sharding`); LoRA/DoRA/QLoRA come from
+`mm15.base.training.adapters`; checkpoints hold only trainable weights when anything is frozen and refuse a
+config they were not trained with (`mm15.base.training.checkpointing`).
 
 Run it through the CLI (`mm15 fit --config configs/base/demo.yaml`) or directly:
 
@@ -35,14 +35,14 @@ from safetensors.torch import load_file
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from . import checkpointing as ckpt
-from .adapters import LoraSpec, QuantSpec, apply_lora, check_quantization, weight_fingerprint
-from .adapters import load_llm_adapter, read_adapter_meta, read_adapter_spec
-from .connector import tokens_per_crop
-from .metrics import exact_match_by_task, format_table
-from .model import MM15Model, ModelSpec, load_tokenizer, read_saved_spec, vision_config
-from .processor import MM15Processor, PreprocessSpec
-from .specs import diff_specs, from_dict
+from mm15.base.training import checkpointing as ckpt
+from mm15.base.training.adapters import LoraSpec, QuantSpec, apply_lora, check_quantization, weight_fingerprint
+from mm15.base.training.adapters import load_llm_adapter, read_adapter_meta, read_adapter_spec
+from mm15.base.connector import tokens_per_crop
+from mm15.base.metrics import exact_match_by_task, format_table
+from mm15.base.model import MM15Model, ModelSpec, load_tokenizer, read_saved_spec, vision_config
+from mm15.base.data.processor import MM15Processor, PreprocessSpec
+from mm15.base.specs import diff_specs, from_dict
 
 log = logging.getLogger(__name__)
 COMPONENTS = ("vision", "connector", "llm")
@@ -76,7 +76,7 @@ class MM15Module(pl.LightningModule):
     preprocessing: how samples become tensors; default: the one saved with `pretrained`, else defaults.
     pretrained: an mm15 model directory (`MM15Model.save_pretrained`) to start from.
     optimizer: factory taking parameter groups (AdamW, Adafactor, ... via `class_path`).
-    scheduler: factory taking (optimizer, total_steps), e.g. `mm15.base.optim.WarmupCosine`.
+    scheduler: factory taking (optimizer, total_steps), e.g. `mm15.base.training.optim.WarmupCosine`.
     learning_rates: per-component learning rates (None: the optimizer's lr).
     freeze: per-component freezing (True: no gradients, weights untouched).
     generation: decoding settings for test and predict.
@@ -157,7 +157,7 @@ class MM15Module(pl.LightningModule):
         self._frozen_fingerprint = weight_fingerprint(self.model)
         self.strict_loading = not self._frozen_fingerprint  # trainable-only checkpoints when anything is frozen
         if mesh is not None:
-            from .sharding import shard_model
+            from mm15.base.training.sharding import shard_model
 
             shard_model(self.model, mesh["data_parallel"], precision=str(self.trainer.precision))
 
@@ -177,7 +177,7 @@ class MM15Module(pl.LightningModule):
             if getattr(self.freeze, name):
                 getattr(model, name).requires_grad_(False)
         if self.activation_checkpointing:
-            from .sharding import enable_activation_checkpointing
+            from mm15.base.training.sharding import enable_activation_checkpointing
 
             enable_activation_checkpointing(model)
         return model

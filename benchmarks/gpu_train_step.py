@@ -6,7 +6,7 @@ Model (random init from configs, nothing downloaded): CLIP ViT-L/14 tower (24 la
 run at 672 px: 48 x 48 patches, position embeddings interpolated), C-Abstractor (144 tokens, width
 1024, depth 3), Qwen2-1.5B-shaped LLM (28 layers, width 1536, GQA 12/2 heads, vocab 151936). Full
 fine-tuning (every part trainable), AdamW. FSDP2 exactly as training uses it
-(`mm15.base.sharding.shard_model`, bf16 parameters for compute, fp32 gradient reduction).
+(`mm15.base.training.sharding.shard_model`, bf16 parameters for compute, fp32 gradient reduction).
 
 Model FLOPs are counted with `torch.utils.flop_counter.FlopCounterMode` on a step without
 activation checkpointing (recomputation is not counted, the usual MFU convention). Target: MFU >= 45 %.
@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from mm15.base.connector import ConnectorSpec
 from mm15.base.model import IGNORE_INDEX, LLMSpec, MM15Model, ModelSpec, VisionSpec, load_tokenizer
-from mm15.base.sharding import enable_activation_checkpointing, shard_model
+from mm15.base.training.sharding import enable_activation_checkpointing, shard_model
 
 VIT_L = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
              num_attention_heads=16, image_size=336, patch_size=14)

@@ -1,4 +1,4 @@
-"""Optimizer-step time: `mm15.base.optim.MuonAdamW` against `torch.optim.AdamW` (the baseline, same run).
+"""Optimizer-step time: `mm15.base.training.optim.MuonAdamW` against `torch.optim.AdamW` (the baseline, same run).
 
 Both step the same MM15Module parameter groups (Muon takes the `nn.Linear` weights, AdamW the rest) with
 the same random gradients; only `optimizer.step()` is timed (median of `--iters` after `--warmup`). The
@@ -26,8 +26,8 @@ import yaml
 
 from mm15.base.model import ModelSpec
 from mm15.base.module import MM15Module
-from mm15.base.optim import MuonAdamW
-from mm15.base.processor import PreprocessSpec
+from mm15.base.training.optim import MuonAdamW
+from mm15.base.data.processor import PreprocessSpec
 from mm15.base.specs import from_dict
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "ui" / "demo.yaml"

@@ -28,7 +28,7 @@ only), seeds 0-3: 2 layers reach 2x chance at 1750 / - / - / - steps (final 0.43
 3 layers at 1250 / - / 1000 / 250 (0.57, 0.34, 0.92, 0.99). Even with ideal features the escape is a
 matter of the seed with AdamW. With `--optimizer muon` (2 layers, the same recipe) it is not: torch's
 Muon + AdamW reached 2x chance at 250 / 250 / 250 / 500 steps (final 1.00, 0.97, 1.00, 1.00 after 2000),
-`mm15.base.optim.MuonAdamW` at 250 / 500 (seeds 0, 1; 1.00, 0.98 after 1000 steps).
+`mm15.base.training.optim.MuonAdamW` at 250 / 500 (seeds 0, 1; 1.00, 0.98 after 1000 steps).
 
     python benchmarks/referring_steps.py [--steps 3000] [--layers 2 3] [--seed 0] [--init 0.02] [--clip 0]
         [--cosine] [--row_scale 1.0] [--heads 4] [--kv_heads 2] [--optimizer adamw|muon]
@@ -43,7 +43,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mm15.base.optim import MuonAdamW, WarmupCosine
+from mm15.base.training.optim import MuonAdamW, WarmupCosine
 from mm15.base.tiny import TINY_WORDS, tiny_tokenizer
 
 KINDS = ("Button", "Text field", "Icon", "Label")
@@ -148,7 +148,7 @@ def main() -> None:
     p.add_argument("--row_scale", type=float, default=1.0,
                    help="scale of the row vector in the ideal image tokens; 0: position only through RoPE")
     p.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
-                   help="muon: mm15.base.optim.MuonAdamW (Muon on the decoder layers' matrices, AdamW on the rest)")
+                   help="muon: mm15.base.training.optim.MuonAdamW (Muon on the decoder layers' matrices, AdamW on the rest)")
     p.add_argument("--eval_every", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()

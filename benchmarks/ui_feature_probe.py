@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 from pytorch_lightning import LightningDataModule
 
-from mm15.base.checkpointing import frozen_parameter_names
+from mm15.base.training.checkpointing import frozen_parameter_names
 from mm15.base.cli import MM15CLI
 from mm15.base.module import MM15Module
-from mm15.base.sample import Media, Sample, Turn
+from mm15.base.data.sample import Media, Sample, Turn
 from mm15.data_builders.synthetic_ui import PLATFORMS, WIDGETS, ScreenSpec, make_screen
 
 

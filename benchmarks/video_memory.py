@@ -26,8 +26,8 @@ import torch
 
 from mm15.base.connector import ConnectorSpec
 from mm15.base.model import LLMSpec, ModelSpec, VisionSpec
-from mm15.base.sample import Media, Sample, Turn
-from mm15.base.splitting import SplitSpec
+from mm15.base.data.sample import Media, Sample, Turn
+from mm15.base.data.splitting import SplitSpec
 from mm15.data_builders.synthetic_video import make_clip, write_video
 from mm15.video.module import MM15VideoModule
 from mm15.video.processor import VideoPreprocessSpec, VideoSpec

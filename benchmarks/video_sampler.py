@@ -32,8 +32,8 @@ import cv2
 import numpy as np
 import torch
 
-from mm15.base.sample import IMAGE_TOKEN
-from mm15.base.splitting import SplitSpec
+from mm15.base.data.sample import IMAGE_TOKEN
+from mm15.base.data.splitting import SplitSpec
 from mm15.base.tiny import tiny_tokenizer
 from mm15.data_builders.synthetic_video import write_video
 from mm15.video.decoding import DecodeSpec, fit_size

@@ -45,7 +45,7 @@ from typing import Any, Iterator, Literal
 
 from PIL import Image
 
-from mm15.base.sample import BOX_MARKER, IMAGE_TOKEN, Media, Sample, SampleError, Skip, Turn
+from mm15.base.data.sample import BOX_MARKER, IMAGE_TOKEN, Media, Sample, SampleError, Skip, Turn
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-from mm15.base.sample import IMAGE_TOKEN, Media, Sample, SampleError, Skip, Turn
+from mm15.base.data.sample import IMAGE_TOKEN, Media, Sample, SampleError, Skip, Turn
 
 ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 

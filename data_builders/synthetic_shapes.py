@@ -22,8 +22,8 @@ from typing import Iterator
 import cv2
 import numpy as np
 
-from mm15.base.sample import IMAGE_TOKEN, Media, Sample, Skip, Turn
-from mm15.base.sources import JsonlSource, write_jsonl
+from mm15.base.data.sample import IMAGE_TOKEN, Media, Sample, Skip, Turn
+from mm15.base.data.sources import JsonlSource, write_jsonl
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220),
            "yellow": (235, 215, 20), "purple": (150, 40, 190), "orange": (245, 140, 20)}

@@ -39,7 +39,7 @@ from typing import Iterator
 
 from PIL import Image, ImageDraw
 
-from mm15.base.sample import Sample, Skip
+from mm15.base.data.sample import Sample, Skip
 
 from .ferret_ui import TASKS, FerretUISource
 

@@ -33,8 +33,8 @@ from typing import Iterable, Iterator, Literal
 import cv2
 import numpy as np
 
-from mm15.base.sample import IMAGE_TOKEN, Media, Sample, Skip, Turn
-from mm15.base.sources import JsonlSource, write_jsonl
+from mm15.base.data.sample import IMAGE_TOKEN, Media, Sample, Skip, Turn
+from mm15.base.data.sources import JsonlSource, write_jsonl
 from mm15.data_builders.synthetic_shapes import COLOURS, SHAPES, draw_shape
 
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from mm15.base.sample import IMAGE_TOKEN, Media, Sample, SampleError, Skip, Turn
+from mm15.base.data.sample import IMAGE_TOKEN, Media, Sample, SampleError, Skip, Turn
 from mm15.data_builders.llava import llava_record_to_sample, read_json_records
 
 VIDEO_TAG = "<video>"

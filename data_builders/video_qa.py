@@ -27,7 +27,7 @@ import string
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from mm15.base.sample import IMAGE_TOKEN, Media, Sample, SampleError, Skip, Turn
+from mm15.base.data.sample import IMAGE_TOKEN, Media, Sample, SampleError, Skip, Turn
 
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 SHORT_ANSWER = "Answer the question using a single word or phrase."

@@ -10,8 +10,8 @@ import torch
 
 from mm15.base.connector import ConnectorSpec
 from mm15.base.model import LLMSpec, ModelSpec, VisionSpec
-from mm15.base.processor import PreprocessSpec
-from mm15.base.splitting import SplitSpec
+from mm15.base.data.processor import PreprocessSpec
+from mm15.base.data.splitting import SplitSpec
 from mm15.base.tiny import TINY_LLM, TINY_VISION, save_tiny_parts
 
 # One intra-op thread: the tiny models gain little from two, and with two threads per process a

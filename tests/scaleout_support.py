@@ -21,7 +21,7 @@ from typing import IO, Any
 import pytorch_lightning as pl
 import yaml
 
-from mm15.base.checkpointing import AtomicCheckpointIO
+from mm15.base.training.checkpointing import AtomicCheckpointIO
 from mm15.base.tiny import TINY_LLM, TINY_VISION
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +89,7 @@ def tiny_run_config(run_dir: Path, data_dir: Path, max_steps: int = 6, every_n_s
         },
         "preprocessing": {"split": {"crop_size": 32, "grid_min": 1, "grid_max": 2}, "max_length": 512},
         "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01, "weight_decay": 0.0}},
-        "scheduler": {"class_path": "mm15.base.optim.WarmupCosine", "init_args": {"warmup_steps": 1}},
+        "scheduler": {"class_path": "mm15.base.training.optim.WarmupCosine", "init_args": {"warmup_steps": 1}},
         "freeze": {"vision": True, "connector": False, "llm": False},
     }
     if lora:
@@ -108,13 +108,13 @@ def tiny_run_config(run_dir: Path, data_dir: Path, max_steps: int = 6, every_n_s
             ],
         },
         "model": {"class_path": "mm15.base.module.MM15Module", "init_args": model_args},
-        "data": {"class_path": "mm15.base.data.MM15DataModule", "init_args": {
+        "data": {"class_path": "mm15.base.data.datamodule.MM15DataModule", "init_args": {
             "batch_size": 2, "global_batch_size": 4, "seed": 0,
             "train": [
                 {"class_path": "mm15.data_builders.synthetic_shapes.SyntheticShapesSource",
                  "init_args": {"root": str(data_dir / "shapes"), "split": "train", "num_samples": 8,
                                "min_side": 24, "max_side": 56}},
-                {"class_path": "mm15.base.sources.JsonlSource", "init_args": {"path": str(data_dir / "text.jsonl")}},
+                {"class_path": "mm15.base.data.sources.JsonlSource", "init_args": {"path": str(data_dir / "text.jsonl")}},
             ]}},
     }
 

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mm15.base.data import DataErrorBudgetExceeded, MM15DataModule, ProcessedDataset
+from mm15.base.data.datamodule import DataErrorBudgetExceeded, MM15DataModule, ProcessedDataset
 from mm15.base.model import load_tokenizer
-from mm15.base.processor import MM15Processor
-from mm15.base.sample import Skip
-from mm15.base.sources import JsonlSource
+from mm15.base.data.processor import MM15Processor
+from mm15.base.data.sample import Skip
+from mm15.base.data.sources import JsonlSource
 from mm15.data_builders.llava import LlavaJsonSource
 
 from conftest import tiny_preprocessing, tiny_spec
@@ -100,8 +100,8 @@ def test_loader_skips_are_quarantined_and_the_batch_continues(media):
 
 
 def test_canonical_jsonl_round_trip_and_malformed_lines(media):
-    from mm15.base.sample import Media, Sample, Turn
-    from mm15.base.sources import write_jsonl
+    from mm15.base.data.sample import Media, Sample, Turn
+    from mm15.base.data.sources import write_jsonl
 
     s = Sample("c1", [Turn("user", "<image> at <bbox_location0>?", boxes=[[1, 2, 3, 4]]), Turn("assistant", "x")],
                [Media("ok.png")], task="t", meta={"num_choices": 4})
@@ -115,8 +115,8 @@ def test_canonical_jsonl_round_trip_and_malformed_lines(media):
 
 
 def test_resolve_media_is_lexical_refuses_escapes_and_keeps_symlinks_inside(tmp_path):
-    from mm15.base.data import resolve_media
-    from mm15.base.sample import Media, Sample, SampleError, Turn
+    from mm15.base.data.datamodule import resolve_media
+    from mm15.base.data.sample import Media, Sample, SampleError, Turn
 
     root, elsewhere = tmp_path / "root", tmp_path / "disk2"
     root.mkdir(), elsewhere.mkdir()

@@ -16,7 +16,7 @@ DEMO = str(ROOT / "configs" / "base" / "demo.yaml")
 
 
 def _batch(module):
-    from mm15.base.sample import Media, Sample, Turn
+    from mm15.base.data.sample import Media, Sample, Turn
     import numpy as np
     from PIL import Image
     import tempfile
@@ -113,7 +113,7 @@ def test_adafactor_injection_steps_with_per_component_groups():
 
 def schedule_lrs(steps: int = 100, **kwargs) -> list[float]:
     """The learning rate at each of `steps` steps of a `WarmupCosine(total_steps=steps, **kwargs)` at peak 1."""
-    from mm15.base.optim import WarmupCosine
+    from mm15.base.training.optim import WarmupCosine
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = WarmupCosine(opt, total_steps=steps, **kwargs)
@@ -133,7 +133,7 @@ def test_warmup_cosine_schedule():
 
 
 def test_warmup_stable_decay_holds_the_peak_then_decays():
-    from mm15.base.optim import WarmupCosine
+    from mm15.base.training.optim import WarmupCosine
 
     lrs = schedule_lrs(warmup_steps=10, stable_ratio=0.5)
     assert lrs[9] < 1.0 and all(lr == 1.0 for lr in lrs[10:60])  # warmup, then 50 steps at the peak

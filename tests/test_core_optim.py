@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mm15.base.module import MM15Module
-from mm15.base.optim import MuonAdamW, orthogonalize
+from mm15.base.training.optim import MuonAdamW, orthogonalize
 
 from conftest import tiny_preprocessing, tiny_spec
 from test_core_module import _batch

@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 
 from mm15.base.model import load_tokenizer
-from mm15.base.processor import IGNORE_INDEX, MM15Processor
-from mm15.base.sample import Media, Sample, SampleError, Turn
+from mm15.base.data.processor import IGNORE_INDEX, MM15Processor
+from mm15.base.data.sample import Media, Sample, SampleError, Turn
 
 from conftest import tiny_preprocessing, tiny_spec
 
@@ -94,7 +94,7 @@ def test_grounding_prompt_has_the_same_system_prompt_when_generating(processor, 
 
 
 def test_media_block_placeholder_counts_override_tokens_per_crop(processor, image):
-    from mm15.base.processor import MediaBlock
+    from mm15.base.data.processor import MediaBlock
 
     class Pooled(MM15Processor):
         def load_media(self, sample, index, media):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mm15.base.splitting import SplitSpec, candidate_grids, plan_split, select_grid, split_image
+from mm15.base.data.splitting import SplitSpec, candidate_grids, plan_split, select_grid, split_image
 
 
 def test_training_grid_set_has_18_grids():

@@ -43,7 +43,7 @@ def reference(tmp_path_factory, data_dir):
     """The uninterrupted 1-process run (6 steps, accumulation 2, checkpoints every 2 steps)."""
     run = tmp_path_factory.mktemp("reference")
     config = write_config(run / "fit.yaml", tiny_run_config(run, data_dir,
-                                                            plugins=["mm15.base.checkpointing.AtomicCheckpointIO"]))
+                                                            plugins=["mm15.base.training.checkpointing.AtomicCheckpointIO"]))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the subprocesses, so float results can be compared exactly
     try:
@@ -97,7 +97,7 @@ def test_fsdp2_two_processes_match_one_process(reference, data_dir, tmp_path):
 
     keys = [k for k in FileSystemReader(str(last)).read_metadata().state_dict_metadata if k.startswith("state_dict.")]
     assert keys and all("lora_" in k or ".connector." in k for k in keys)  # frozen weights not written
-    from mm15.base.export import read_checkpoint
+    from mm15.base.training.export import read_checkpoint
 
     sharded = read_checkpoint(last)["state_dict"]  # what `mm15 export` consolidates
     trained = reference["module"].state_dict()
@@ -106,7 +106,7 @@ def test_fsdp2_two_processes_match_one_process(reference, data_dir, tmp_path):
     assert worst < 1e-4, worst
 
 
-MUON = ["--model.init_args.optimizer.class_path", "mm15.base.optim.MuonAdamW"]
+MUON = ["--model.init_args.optimizer.class_path", "mm15.base.training.optim.MuonAdamW"]
 
 
 def test_fsdp2_with_muon_matches_one_process(reference, data_dir, tmp_path):
@@ -139,7 +139,7 @@ def test_kill_while_writing_checkpoint_then_resume_reproduces_the_curve(referenc
     before = read_losses(tmp_path / "losses")
 
     resume = write_config(tmp_path / "resume.yaml", tiny_run_config(
-        tmp_path, data_dir, plugins=["mm15.base.checkpointing.AtomicCheckpointIO"]))
+        tmp_path, data_dir, plugins=["mm15.base.training.checkpointing.AtomicCheckpointIO"]))
     _check_run(run_cli(["fit", "--config", str(resume), "--ckpt_path", "last"], tmp_path))
     resumed = read_losses(tmp_path / "losses")[len(before):]
     ref = reference["losses"]
@@ -167,7 +167,7 @@ torch.save(out, out_path)
 
 
 def test_export_round_trip_in_a_clean_process(reference, tmp_path):
-    from mm15.base.export import export
+    from mm15.base.training.export import export
     from mm15.base.model import MM15Model
 
     written = export(str(reference["dir"] / "checkpoints" / "last.ckpt"), str(tmp_path / "export"))
@@ -206,7 +206,7 @@ def _image_and_text_samples(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from mm15.base.sample import Media, Sample, Turn
+    from mm15.base.data.sample import Media, Sample, Turn
 
     Image.fromarray(np.random.RandomState(1).randint(0, 255, (40, 60, 3), dtype=np.uint8)).save(tmp_path / "i.png")
     return [Sample("i", [Turn("user", "<image>\nWhat colour?"), Turn("assistant", "red")], [Media(str(tmp_path / "i.png"))]),
@@ -214,7 +214,7 @@ def _image_and_text_samples(tmp_path):
 
 
 def test_adapter_onto_another_base_is_refused(reference, tmp_path):
-    from mm15.base.export import export
+    from mm15.base.training.export import export
     from mm15.base.model import LLMSpec, ModelSpec
 
     adapter = export(str(reference["dir"] / "checkpoints" / "last.ckpt"), str(tmp_path / "export"), kind="adapter")

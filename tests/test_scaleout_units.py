@@ -15,12 +15,12 @@ import yaml
 from PIL import Image
 from pytorch_lightning import LightningDataModule, Trainer
 
-from mm15.base.adapters import LoraSpec, QuantSpec, apply_lora, check_fingerprint, weight_fingerprint
-from mm15.base.checkpointing import AtomicCheckpointIO, swap_in_directory
+from mm15.base.training.adapters import LoraSpec, QuantSpec, apply_lora, check_fingerprint, weight_fingerprint
+from mm15.base.training.checkpointing import AtomicCheckpointIO, swap_in_directory
 from mm15.base.cli import MM15CLI
 from mm15.base.module import Components, MM15Module
-from mm15.base.resumable import ResumableSampler, accumulation_for
-from mm15.base.sample import Media, Sample, Turn
+from mm15.base.training.resumable import ResumableSampler, accumulation_for
+from mm15.base.data.sample import Media, Sample, Turn
 
 from conftest import tiny_preprocessing, tiny_spec
 
@@ -265,7 +265,7 @@ def test_freezing_contract_under_each_stage(stage, trains, tmp_path, image_path)
 
 
 def test_global_batch_size_sets_accumulation(tmp_path):
-    from mm15.base.data import MM15DataModule
+    from mm15.base.data.datamodule import MM15DataModule
 
     data = MM15DataModule(batch_size=4, global_batch_size=32)
     data.trainer = Trainer(accelerator="cpu", devices=1, logger=False, default_root_dir=str(tmp_path))

@@ -5,7 +5,7 @@ import string
 
 import pytest
 
-from mm15.base.boxes import BoxCodec
+from mm15.base.data.boxes import BoxCodec
 
 IPHONE = (1170, 2532)
 

@@ -5,7 +5,7 @@ import json
 import pytest
 from PIL import Image
 
-from mm15.base.sample import Sample, Skip
+from mm15.base.data.sample import Sample, Skip
 from mm15.data_builders.ferret_ui import TASKS, FerretUISource, infer_platform, infer_task
 
 # Records as in apple/ml-ferret ferretui/playground/sample_data/train_data_example.json.

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from mm15.base.boxes import BoxCodec
+from mm15.base.data.boxes import BoxCodec
 from mm15.base.metrics import format_table
 from mm15.ui import metrics as M
 

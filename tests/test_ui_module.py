@@ -11,10 +11,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from mm15.base.data import DataErrorBudgetExceeded, MM15DataModule
-from mm15.base.processor import MM15Processor, PreprocessSpec
-from mm15.base.sample import Media, Sample, Turn
-from mm15.base.splitting import SplitSpec, plan_split
+from mm15.base.data.datamodule import DataErrorBudgetExceeded, MM15DataModule
+from mm15.base.data.processor import MM15Processor, PreprocessSpec
+from mm15.base.data.sample import Media, Sample, Turn
+from mm15.base.data.splitting import SplitSpec, plan_split
 from mm15.base.model import load_tokenizer
 from mm15.data_builders.ferret_ui import FerretUISource
 from mm15.ui.module import FERRET_UI_ANYRES, MM15UIModule, n_min_warning

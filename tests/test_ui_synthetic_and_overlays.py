@@ -6,8 +6,8 @@ from collections import Counter
 import numpy as np
 from PIL import Image
 
-from mm15.base.boxes import BoxCodec
-from mm15.base.sample import Sample
+from mm15.base.data.boxes import BoxCodec
+from mm15.base.data.sample import Sample
 from mm15.data_builders.synthetic_ui import TASK_NAMES, WIDGETS, WORDS, ScreenSpec, SyntheticUISource
 from mm15.ui.overlays import draw_overlay, log_overlays, pick_records, save_overlays
 

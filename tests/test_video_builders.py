@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from mm15.base.sample import IMAGE_TOKEN, Sample, Skip
+from mm15.base.data.sample import IMAGE_TOKEN, Sample, Skip
 from mm15.data_builders.video_instruct import LlavaVideoJsonSource, VideoChat2Source
 from mm15.data_builders.video_qa import ActivityNetQASource, EgoSchemaSource, NExTQASource, VideoMMESource
 

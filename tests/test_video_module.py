@@ -10,10 +10,10 @@ import torch
 
 pytest.importorskip("decord")
 
-from mm15.base.adapters import LoraSpec  # noqa: E402
-from mm15.base.data import MM15DataModule  # noqa: E402
+from mm15.base.training.adapters import LoraSpec  # noqa: E402
+from mm15.base.data.datamodule import MM15DataModule  # noqa: E402
 from mm15.base.module import Components, GenerationSpec, MM15Module  # noqa: E402
-from mm15.base.splitting import SplitSpec  # noqa: E402
+from mm15.base.data.splitting import SplitSpec  # noqa: E402
 from mm15.data_builders.synthetic_video import SyntheticVideoSource  # noqa: E402
 from mm15.video.module import MM15VideoModule, TrainingFreeFitError  # noqa: E402
 from mm15.video.pooling import SlowFastSpec  # noqa: E402

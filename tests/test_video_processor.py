@@ -10,10 +10,10 @@ import torch
 pytest.importorskip("decord")
 
 from mm15.base.connector import ConnectorSpec, tokens_per_crop  # noqa: E402
-from mm15.base.data import DataErrorBudgetExceeded, MM15DataModule  # noqa: E402
-from mm15.base.sample import Media, Sample, SampleError, Turn  # noqa: E402
-from mm15.base.sources import write_jsonl, JsonlSource  # noqa: E402
-from mm15.base.splitting import SplitSpec  # noqa: E402
+from mm15.base.data.datamodule import DataErrorBudgetExceeded, MM15DataModule  # noqa: E402
+from mm15.base.data.sample import Media, Sample, SampleError, Turn  # noqa: E402
+from mm15.base.data.sources import write_jsonl, JsonlSource  # noqa: E402
+from mm15.base.data.splitting import SplitSpec  # noqa: E402
 from mm15.base.tiny import tiny_tokenizer  # noqa: E402
 from mm15.data_builders.synthetic_video import make_clip, write_video  # noqa: E402
 from mm15.video.pooling import SlowFastSpec, pool_batch, slowfast_pool, slowfast_token_count  # noqa: E402

@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("decord")
 
-from mm15.base.sample import IMAGE_TOKEN  # noqa: E402
+from mm15.base.data.sample import IMAGE_TOKEN  # noqa: E402
 from mm15.data_builders.synthetic_shapes import COLOURS  # noqa: E402
 from mm15.data_builders.synthetic_video import (  # noqa: E402
     DIRECTIONS, PALETTE, SyntheticVideoSource, make_clip, make_task_clip, write_video)

@@ -33,7 +33,7 @@ import re
 from collections import Counter, defaultdict
 from typing import Any
 
-from mm15.base.boxes import BoxCodec
+from mm15.base.data.boxes import BoxCodec
 from mm15.base.metrics import exact_match, normalize_answer
 from mm15.data_builders.ferret_ui import TASKS
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from mm15.base.model import read_saved_spec
 from mm15.base.module import MM15Module
-from mm15.base.splitting import SplitSpec
+from mm15.base.data.splitting import SplitSpec
 
 from .metrics import ui_results
 from .overlays import log_overlays, save_overlays

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mm15.base.boxes import BoxCodec
+from mm15.base.data.boxes import BoxCodec
 
 TRUE_COLOR = (0, 200, 0)
 PRED_COLOR = (230, 0, 0)

@@ -31,7 +31,7 @@ import torch
 from pytorch_lightning.trainer.states import TrainerFn
 
 from mm15.base.module import MM15Module
-from mm15.base.processor import PreprocessSpec
+from mm15.base.data.processor import PreprocessSpec
 from mm15.base.specs import from_dict
 
 from .metrics import video_qa_metrics

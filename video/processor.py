@@ -1,6 +1,6 @@
 """MM1.5-Video processor: a video becomes its sampled frames, each one crop (no splitting).
 
-Everything else (chat template, labels, images, batching) is `mm15.base.processor.MM15Processor`;
+Everything else (chat template, labels, images, batching) is `mm15.base.data.processor.MM15Processor`;
 only the `load_media` hook differs. A video's text block is one `<image>` per frame, each expanded
 to `tokens_per_crop` placeholders (the core's single count function): 24 frames x 144 = 3456
 tokens. With `timestamps` on, each frame's marker is preceded by its time ("2.5s<image>").
@@ -22,8 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mm15.base.processor import MediaBlock, MM15Processor, PreprocessSpec
-from mm15.base.sample import IMAGE_TOKEN, Media, Sample
+from mm15.base.data.processor import MediaBlock, MM15Processor, PreprocessSpec
+from mm15.base.data.sample import IMAGE_TOKEN, Media, Sample
 
 from .decoding import DecodedVideo, DecodeSpec, VideoDecoder, VideoError
 from .pooling import SlowFastSpec, slowfast_token_count

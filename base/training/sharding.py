@@ -8,7 +8,7 @@ may share a unit (FSDP2 reduces gradients only for parameters that require them)
 LoRA needs: the frozen base weight and its adapter live in the same block.
 
     trainer:
-      strategy: {class_path: mm15.base.sharding.FSDP2Strategy}   # configs/strategies/fsdp2.yaml
+      strategy: {class_path: mm15.base.training.sharding.FSDP2Strategy}   # configs/strategies/fsdp2.yaml
 
 `FSDP2Strategy` is `ModelParallelStrategy` with every process in the data-parallel dimension
 (no tensor parallelism), trainable-only sharded checkpoints and atomic checkpoint directories.
@@ -27,8 +27,8 @@ from lightning_fabric.utilities.load import _METADATA_FILENAME
 from pytorch_lightning.strategies import ModelParallelStrategy
 from torch import nn
 
-from .adapters import base_of
-from .checkpointing import fresh_directory_for, frozen_parameter_names, remove_checkpoint_path, swap_in_directory
+from mm15.base.training.adapters import base_of
+from mm15.base.training.checkpointing import fresh_directory_for, frozen_parameter_names, remove_checkpoint_path, swap_in_directory
 
 
 def transformer_blocks(module: nn.Module) -> list[nn.Module]:
@@ -94,7 +94,7 @@ def fsdp1_auto_wrap_policy(module: nn.Module, recurse: bool, nonwrapped_numel: i
     block and one for the connector, the rest in the root unit, as `shard_model` does for FSDP2."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    from .connector import CAbstractor, MLPConnector
+    from mm15.base.connector import CAbstractor, MLPConnector
 
     if recurse:
         return True

@@ -12,7 +12,7 @@
 Enable the atomic writer in YAML (`configs/base/align.yaml` and `sft_lora.yaml` do):
 
     trainer:
-      plugins: [mm15.base.checkpointing.AtomicCheckpointIO]
+      plugins: [mm15.base.training.checkpointing.AtomicCheckpointIO]
 """
 
 from __future__ import annotations
@@ -147,8 +147,8 @@ def run_signature(model_spec: Any, lora: Any, quantization: Any, freeze: Any, mo
 def check_compatible(checkpoint: dict[str, Any], current: dict[str, Any], trainable: set[str], where: str) -> None:
     """Raise, saying what to change, when `checkpoint` was not written by a run like this one:
     another signature, other frozen weights, or trainable tensors missing from its state dict."""
-    from .adapters import check_fingerprint
-    from .specs import diff_specs
+    from mm15.base.training.adapters import check_fingerprint
+    from mm15.base.specs import diff_specs
 
     saved = checkpoint["mm15_run"]
     diffs = diff_specs({k: v for k, v in saved.items() if k != "frozen"},

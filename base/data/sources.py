@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Iterator, Protocol, runtime_checkable
 
-from .sample import Sample, SampleError, Skip
+from mm15.base.data.sample import Sample, SampleError, Skip
 
 
 @runtime_checkable
@@ -25,7 +25,7 @@ class SampleSource(Protocol):
 
 
 class JsonlSource:
-    """Canonical JSONL: one `Sample.to_dict()` per line (see `mm15.base.sample`).
+    """Canonical JSONL: one `Sample.to_dict()` per line (see `mm15.base.data.sample`).
 
     Args:
         path: the `.jsonl` file.

@@ -26,10 +26,10 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .processor import MM15Processor
-from .resumable import ResumableLoader, ResumableSampler, accumulation_for
-from .sample import Sample, SampleError, Skip
-from .sources import SampleSource
+from mm15.base.data.processor import MM15Processor
+from mm15.base.training.resumable import ResumableLoader, ResumableSampler, accumulation_for
+from mm15.base.data.sample import Sample, SampleError, Skip
+from mm15.base.data.sources import SampleSource
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class MM15DataModule(pl.LightningDataModule):
     num_workers: loader processes (media decoding and splitting run there).
     max_error_fraction, min_samples_for_budget: the error budget (see module docstring).
     quarantine_file: default `<trainer.default_root_dir>/quarantine.jsonl`.
-    seed: shuffling seed of the training order (`mm15.base.resumable.ResumableSampler`).
+    seed: shuffling seed of the training order (`mm15.base.training.resumable.ResumableSampler`).
     global_batch_size: samples per optimizer step over all processes; sets the trainer's gradient
         accumulation to `global_batch_size / (batch_size * world_size)` (None: keep the trainer's).
     """
@@ -209,7 +209,7 @@ class MM15DataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Resumable, world-size-invariant order (see `mm15.base.resumable`)."""
+        """Resumable, world-size-invariant order (see `mm15.base.training.resumable`)."""
         dataset = self._dataset("train", generate=False)
         kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) if self.trainer else None
         self.train_sampler = ResumableSampler(dataset, self.batch_size, seed=self.seed, **(kwargs or {}))

@@ -2,7 +2,7 @@
 
 A `Sample` is a conversation (`turns`) plus the media it refers to (`media`). Data builders in
 `mm15.data_builders` turn rows of public datasets into `Sample`s and know nothing about tokens;
-processors in `mm15.base.processor` (and the variant processors) turn a `Sample` into tensors and
+processors in `mm15.base.data.processor` (and the variant processors) turn a `Sample` into tensors and
 know nothing about dataset file formats.
 
 Conventions
@@ -13,7 +13,7 @@ Conventions
 * Regions: `Turn.boxes[i]` replaces the marker `<bbox_location{i}>` in that turn's text (Ferret-UI's
   convention). A region is `[x1, y1, x2, y2]` (box) or `[x, y]` (point) in pixels of the original
   first image of the sample. How it becomes text (canvas, rounding, box vs point for referring) is
-  the processor's business (`mm15.base.boxes.BoxCodec`), never the builder's.
+  the processor's business (`mm15.base.data.boxes.BoxCodec`), never the builder's.
 * `task` names the task for per-task metrics; `meta` carries free information a metric may need
   (`choices`, `num_choices`, `platform`, `answer_aliases`, ...). `source` is the file the record
   came from, so every error can name it.

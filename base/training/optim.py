@@ -6,7 +6,7 @@ peak for that fraction of the steps after warmup before the decay starts (warmup
 `total_steps` comes from the trainer (`estimated_stepping_batches`), so YAML only names the shape:
 
     scheduler:
-      class_path: mm15.base.optim.WarmupCosine
+      class_path: mm15.base.training.optim.WarmupCosine
       init_args: {warmup_ratio: 0.03}
 
 `MuonAdamW`: Muon (momentum, then the update orthogonalised by a Newton-Schulz iteration; Jordan et al.
@@ -20,7 +20,7 @@ keeps its shard. `adjust_lr_fn: match_rms_adamw` (the default) scales each matri
 so one `lr` serves both halves:
 
     optimizer:
-      class_path: mm15.base.optim.MuonAdamW
+      class_path: mm15.base.training.optim.MuonAdamW
       init_args: {lr: 0.004, weight_decay: 0.0}
 """
 

@@ -209,8 +209,8 @@ def load_llm_adapter(llm: nn.Module, directory: str | Path, trainable: bool) -> 
 
 def read_adapter_spec(directory: str | Path) -> tuple[Any, int, dict[str, Any]]:
     """(ModelSpec, crop size, preprocessing) of an adapter directory; relative part paths resolved."""
-    from .connector import ConnectorSpec
-    from .model import LLMSpec, ModelSpec, VisionSpec
+    from mm15.base.connector import ConnectorSpec
+    from mm15.base.model import LLMSpec, ModelSpec, VisionSpec
 
     d = Path(directory)
     meta = read_adapter_meta(d)

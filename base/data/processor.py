@@ -25,9 +25,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from transformers import PreTrainedTokenizerBase
 
-from .boxes import BoxCodec
-from .sample import BOX_MARKER, IMAGE_TOKEN, Media, Sample, SampleError, Skip
-from .splitting import SplitPlan, SplitSpec, split_image
+from mm15.base.data.boxes import BoxCodec
+from mm15.base.data.sample import BOX_MARKER, IMAGE_TOKEN, Media, Sample, SampleError, Skip
+from mm15.base.data.splitting import SplitPlan, SplitSpec, split_image
 
 IGNORE_INDEX = -100
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -39,7 +39,7 @@ class PreprocessSpec:
     """Everything that turns a sample into tensors; saved with every checkpoint and export.
 
     Args:
-        split: image splitting (see `mm15.base.splitting.SplitSpec`).
+        split: image splitting (see `mm15.base.data.splitting.SplitSpec`).
         position_indicator: text around each crop: `index` ("(k,i,j)", MM1.5's final recipe),
             `seps` ("," between crops of a row, newline after a row) [choice] or `none`.
         index_format: the exact text of the index tuple [choice].

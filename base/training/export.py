@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .adapters import ADAPTER_META, is_peft, weight_fingerprint
-from .module import MM15Module
+from mm15.base.training.adapters import ADAPTER_META, is_peft, weight_fingerprint
+from mm15.base.module import MM15Module
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

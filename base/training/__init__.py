@@ -1,0 +1,1 @@
+"""Training machinery: optimizers and schedules, adapters, sharding, checkpoints, resumable order, export."""

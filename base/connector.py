@@ -1,7 +1,7 @@
 """Connectors: vision patch features -> LLM token embeddings.
 
 `CAbstractor` follows Honeybee (arXiv 2312.06742, `honeybee/projectors/projectors.py`), as MM1/MM1.5
-use it (PAPERS.md section 1):
+use it (docs/reference.md, section 1):
 
     patch features (B, N, C_enc), CLS dropped
       + learnable position embedding (1, N, C_enc)
@@ -36,8 +36,8 @@ class ConnectorSpec:
     depth: bottleneck blocks per RegStage (3).
     se_ratio: squeeze-excitation ratio inside each bottleneck (0.25).
     pos_embed_std: init std of the learnable position embedding (Honeybee: 0.02). For from-scratch
-        tiny towers: measured in the README's UI sweep, 1.0 did well with one crop, but with splitting
-        it gives every crop the same strong position pattern and 0.02 (the demo) did better.
+        tiny towers 1.0 did well with one crop, but with splitting it gives every crop the same
+        strong position pattern and 0.02 (the demo) did better (docs/experiments.md, 2026-11-30).
     """
 
     kind: Literal["c_abstractor", "mlp"] = "c_abstractor"

@@ -1,6 +1,6 @@
 """Ferret-UI data reader: the released JSON, exactly as published, as canonical `Sample`s.
 
-A released file is a JSON list of records (PAPERS.md section 5; `apple/ml-ferret`, `ferretui/`):
+A released file is a JSON list of records (docs/reference.md, section 5; `apple/ml-ferret`, `ferretui/`):
 
     {"id": 0, "image": "appstore_reminders.png", "image_h": 2532, "image_w": 1170,
      "conversations": [{"from": "human", "value": "<image>\\nWhat's the UI type of the widget <bbox_location0>?"},

@@ -32,7 +32,7 @@ from .overlays import log_overlays, save_overlays
 
 log = logging.getLogger(__name__)
 
-# Ferret-UI's released anyres as a core SplitSpec (PAPERS.md section 2): grids 1x2, 2x1, 2x2, 3x1,
+# Ferret-UI's released anyres as a core SplitSpec (docs/reference.md, section 2): grids 1x2, 2x1, 2x2, 3x1,
 # 1x3 at 336 px, LLaVA-NeXT selection, stretch, overview first.
 FERRET_UI_ANYRES = dict(crop_size=336, mode="dynamic", grids=[(1, 2), (2, 1), (2, 2), (3, 1), (1, 3)],
                         select="llava_next", resize="stretch", overview="first")

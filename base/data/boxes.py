@@ -1,7 +1,7 @@
 """Boxes and points as text: one codec for referring (regions in the question) and grounding
 (regions in the answer).
 
-Default convention (Ferret / Ferret-UI code, PAPERS.md section 3): integers on a 1000 x 1000 virtual
+Default convention (Ferret / Ferret-UI code, docs/reference.md, section 3): integers on a 1000 x 1000 virtual
 canvas relative to the original image, `x' = int(x * 1000 / W)` truncated and clamped to 0..999;
 boxes `[x1, y1, x2, y2]`, points `[x, y]`. The system prompt states the convention. Decoding maps a
 canvas value back with `x = x' * W / 1000` (Ferret's inverse), so a round trip loses at most one

@@ -1,4 +1,4 @@
-"""MM1.5 dynamic high-resolution image splitting (PAPERS.md section 2), plus the variants used for
+"""MM1.5 dynamic high-resolution image splitting (docs/reference.md, section 2), plus the variants used for
 ablations and for Ferret-UI.
 
 An image becomes a list of r x r crops: the grid crops in row-major order, then the overview (the

@@ -13,6 +13,9 @@ itself with FSDP2 in `configure_model` (`mm15.base.training.sharding`); LoRA/DoR
 `mm15.base.training.adapters`; checkpoints hold only trainable weights when anything is frozen and refuse a
 config they were not trained with (`mm15.base.training.checkpointing`).
 
+Every `fit` ends with `<run dir>/loss.png`: train and val loss and the learning rates against the
+step (`mm15.base.training.plots.LossCurves`, attached by `configure_callbacks`).
+
 Run it through the CLI (`mm15 fit --config configs/base/demo.yaml`) or directly:
 
     module = MM15Module(model=ModelSpec(...), preprocessing=PreprocessSpec(...))
@@ -38,6 +41,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from mm15.base.training import checkpointing as ckpt
 from mm15.base.training.adapters import LoraSpec, QuantSpec, apply_lora, check_quantization, weight_fingerprint
 from mm15.base.training.adapters import load_llm_adapter, read_adapter_meta, read_adapter_spec
+from mm15.base.training.plots import LossCurves
 from mm15.base.connector import tokens_per_crop
 from mm15.base.metrics import exact_match_by_task, format_table
 from mm15.base.model import MM15Model, ModelSpec, load_tokenizer, read_saved_spec, vision_config
@@ -200,6 +204,10 @@ class MM15Module(pl.LightningModule):
             for key, value in row.items():
                 if isinstance(value, (int, float)) and key not in ("n",) and value is not None:
                     self.log(f"{stage}/{row['task']}/{key}", float(value), rank_zero_only=True, batch_size=1)
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """Callbacks every run gets: `LossCurves` draws `<run dir>/loss.png` at the end of fit."""
+        return [LossCurves()]
 
     # ----- steps ---------------------------------------------------------------------------------
     def media_features(self, batch: dict[str, Any]) -> torch.Tensor | None:

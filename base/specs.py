@@ -1,4 +1,4 @@
-"""Small helpers for our config dataclasses: rebuild them from saved dicts and diff two of them.
+"""Functions for our config dataclasses: rebuild them from saved dicts and diff two of them.
 
 The preprocessing spec is saved as a plain dict with every checkpoint and export; `from_dict` turns
 it back into the (possibly variant-specific) dataclass, ignoring keys the class does not know, so a

@@ -1,4 +1,4 @@
-"""Helpers for the scale-out tests, importable by the `mm15 fit` subprocesses (PYTHONPATH=tests).
+"""Support code for the scale-out tests, importable by the `mm15 fit` subprocesses (PYTHONPATH=tests).
 
 * `LossRecorder`: every rank appends one JSON line per micro-batch (step, loss, crops, sample ids).
 * `DyingCheckpointIO`: the atomic writer that SIGKILLs its own process half-way through the N-th

@@ -157,7 +157,7 @@ def test_tiny_words_tokenizer_merges_words_never_digits(tmp_path):
 
 
 def test_c_abstractor_position_embedding_std_is_configurable():
-    """Honeybee's 0.02 by default; the UI notes measured a larger init helping a from-scratch tower."""
+    """Honeybee's 0.02 by default; a larger init is an option for from-scratch towers (docs/experiments.md)."""
     torch.manual_seed(0)
     default = CAbstractor(ConnectorSpec(hidden_size=16, depth=1), vision_dim=32, llm_dim=8, num_patches=16)
     strong = CAbstractor(ConnectorSpec(hidden_size=16, depth=1, pos_embed_std=1.0), vision_dim=32, llm_dim=8, num_patches=16)

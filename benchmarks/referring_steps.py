@@ -1,12 +1,12 @@
 """How many optimizer steps a tiny from-scratch LLM needs to learn text-coordinate referring.
 
-The UI demo's referring tasks (widget classification / OCR at a point given as text) stay at chance
-in the CPU budget of a test. This benchmark takes the vision side out of the question: the image
-tokens are ideal features (a row's token = a random "kind" vector + a random "row" vector, 4 rows,
-4 kinds, each kind once per screen, so naming anything on screen is chance), and only the tiny
-Llama (the demo's shape: hidden 64, 4 heads) has to learn "[x, y] in the question -> the kind in
-that row". Prompt and question are the demo's (system prompt, Ferret-UI phrasing, 0-999 canvas,
-`tiny-words` tokenizer). Two controls, measured in the same run with the same model and optimizer:
+Referring in the UI demo (widget classification / OCR at a point given as text) is a two-step lookup:
+read the coordinates, then attend to that region. This benchmark takes the vision side out of the
+question: the image tokens are ideal features (a row's token = a random "kind" vector + a random "row"
+vector, 4 rows, 4 kinds, each kind once per screen, so naming anything on screen is chance), and only
+the tiny Llama (the demo's shape: hidden 64, 4 heads) has to learn "[x, y] in the question -> the kind
+in that row". Prompt and question are the demo's (system prompt, Ferret-UI phrasing, 0-999 canvas,
+`tiny-words` tokenizer). Controls, measured in the same run with the same model and optimizer:
 
     fixed_row   the answer is always the top row's kind: a lookup by position, no coordinates to read
     text_only   the layout never changes: the answer follows from the coordinates, no image to read
@@ -15,20 +15,9 @@ that row". Prompt and question are the demo's (system prompt, Ferret-UI phrasing
     referring   both: read the coordinates, then look up that row of the image (the real task)
 
 It prints, per task and depth, the first evaluated step at which held-out accuracy reaches 2x chance
-(0.5) and the accuracy at the end. Measured on this machine (1 thread, batch 16, 3000 steps, seed 0):
-fixed_row 250 steps (2 and 3 layers), text_only 250 / 750, referring not within 3000 (final accuracy
-0.30 / 0.34, chance 0.25); row_index (2 layers) not within 1500 (0.31), so parsing the number is not what
-blocks it. In exploratory runs with a bare question ("[x, y]?", no
-system prompt) and the byte-level tokenizer, 3 layers learned referring after about 2500 steps for
-one seed and not within 3000 for another. The real pipeline also has the vision side to learn, so
-a CPU test of a few minutes (800-1600 steps) cannot get there.
-
-With the UI demo's recipe (`--init 0.1 --lr 4e-3 --batch 32 --steps 2000 --clip 1 --cosine`, referring
-only), seeds 0-3: 2 layers reach 2x chance at 1750 / - / - / - steps (final 0.43, 0.34, 0.45, 0.18),
-3 layers at 1250 / - / 1000 / 250 (0.57, 0.34, 0.92, 0.99). Even with ideal features the escape is a
-matter of the seed with AdamW. With `--optimizer muon` (2 layers, the same recipe) it is not: torch's
-Muon + AdamW reached 2x chance at 250 / 250 / 250 / 500 steps (final 1.00, 0.97, 1.00, 1.00 after 2000),
-`mm15.base.training.optim.MuonAdamW` at 250 / 500 (seeds 0, 1; 1.00, 0.98 after 1000 steps).
+(0.5) and the accuracy at the end. `--init 0.1 --lr 4e-3 --batch 32 --clip 1 --cosine` is the UI demo's
+earlier AdamW recipe; `--optimizer muon` swaps in `mm15.base.training.optim.MuonAdamW`. Current figures are
+in the README ("Benchmarks"), earlier ones in docs/experiments.md.
 
     python benchmarks/referring_steps.py [--steps 3000] [--layers 2 3] [--seed 0] [--init 0.02] [--clip 0]
         [--cosine] [--row_scale 1.0] [--heads 4] [--kv_heads 2] [--optimizer adamw|muon]

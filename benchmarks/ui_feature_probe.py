@@ -8,16 +8,9 @@ splitting, normalisation, `encode_media`), and fits one linear classifier per ro
 kind from the image tokens (all crops; the split crops only; the overview only). Held-out accuracy near
 1.0 means the kinds are in the tokens at their places. Chance is 0.25.
 
-Without `--ckpt` it probes the untrained model: the control, measured in the same way. Measured (session 7):
-
-    untrained demo model (control)                          0.99-1.00 for every row and part
-    demo, seed 2 + warmup-stable-decay (referring at chance) 0.97-0.99
-    3-layer LLM variant, seed 1 (referring at chance)       0.99-1.00
-    3-layer LLM variant, seed 2 (referring escaped, 0.57)   0.96-1.00
-
-The widget kinds are linearly readable at every place from the image tokens even before training (the
-kinds differ in colour), and stay so in runs that fail and runs that succeed: what separates them is the
-LLM's lookup from the question's coordinates to the region, not what the vision side sees.
+Without `--ckpt` it probes the untrained model: the control, measured in the same way. Probe accuracy
+near the control's in a run whose referring fails says the vision side sees each widget and the LLM's
+lookup from the question's coordinates to the region is what fails (figures in docs/experiments.md).
 
     python benchmarks/ui_feature_probe.py --config configs/ui/demo.yaml --ckpt runs/ui_demo/checkpoints/last.ckpt
 """

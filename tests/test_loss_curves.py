@@ -41,8 +41,8 @@ def test_demo_fit_draws_loss_png_from_what_tensorboard_logs(tmp_path, monkeypatc
                   auto_configure_optimizers=False, run=False,
                   args=["--config", DEMO, "--trainer.enable_progress_bar=false", "--trainer.max_steps=4",
                         "--trainer.val_check_interval=2", "--trainer.log_every_n_steps=1",
-                        "--data.init_args.train=" + SOURCE % ("train", 32), "--data.init_args.val=" + SOURCE % ("val", 8),
-                        "--data.init_args.test=" + SOURCE % ("test", 4)])
+                        "--data.init_args.train=" + SOURCE % ("train", 32),
+                        "--data.init_args.val=" + SOURCE % ("val", 8), "--data.init_args.test=" + SOURCE % ("test", 4)])
     cli.trainer.fit(cli.model, cli.datamodule)
     assert "loss curves in runs/video_demo/loss.png" in capsys.readouterr().out
     with Image.open(tmp_path / "runs/video_demo/loss.png") as im:

@@ -1,6 +1,7 @@
 """Core evaluation metrics and the results table every variant prints.
 
-A prediction record is a dict with `id`, `task`, `prediction`, `answer`, `meta` (and `image_size`).
+A prediction record is a dict with `id`, `task`, `prediction`, `answer`, `meta` and `media` (the
+layout of each media item, `mm15.base.data.media.MediaLayout` as a dict).
 `exact_match_by_task` scores normalised exact match per task and overall, with the chance level
 beside it when the data says how many choices there were (`meta["num_choices"]`).
 

@@ -11,8 +11,11 @@ Usable without Lightning:
     model, tokenizer, preprocessing = MM15Model.from_pretrained("run/model")
 
 Shapes: `input_ids`, `attention_mask`, `labels` (B, T); `pixel_values` (C, 3, r, r) holding every
-crop / frame of the batch in order of appearance; each crop fills `tokens_per_crop` consecutive
-placeholder positions (`image_token_id`) of `input_ids`.
+crop / frame of the batch in order of appearance; `media_features` (K, M, D) fill the placeholder
+positions (`image_token_id`) of `input_ids` in order, K x M vectors: (C, tokens_per_crop, D) from
+`encode_media`, or (1, L, D) when a variant pools them (video SlowFast). `layouts` (per sample, one
+`mm15.base.data.media.MediaLayout` per media item) are optional; given, a placeholder mismatch
+names what each item expected.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import json
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +33,11 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from mm15.base.connector import ConnectorSpec, build_connector, tokens_per_crop
-from mm15.base.data.sample import IMAGE_TOKEN
+from mm15.base.data.sample import IGNORE_INDEX, IMAGE_TOKEN
 
-IGNORE_INDEX = -100
+if TYPE_CHECKING:
+    from mm15.base.data.media import MediaLayout
+
 SPEC_FILE = "mm15_config.json"
 
 
@@ -204,8 +209,9 @@ class MM15Model(nn.Module):
         return self.connector(feats)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              media_features: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings with media features spliced in at the placeholder positions."""
+              media_features: torch.Tensor | None = None,
+              layouts: list[list[MediaLayout]] | None = None) -> torch.Tensor:
+        """Token embeddings with media features (K, M, D) spliced in at the placeholder positions."""
         mask = input_ids == self.image_token_id  # (B, T)
         safe_ids = input_ids.masked_fill(mask, 0)
         embeds = self.llm.get_input_embeddings()(safe_ids)  # (B, T, D)
@@ -214,11 +220,7 @@ class MM15Model(nn.Module):
         n_placeholders = int(mask.sum())
         n_features = 0 if media_features is None else media_features.shape[0] * media_features.shape[1]
         if n_placeholders != n_features:
-            raise ValueError(
-                f"media placeholder mismatch: {n_placeholders} placeholder tokens in input_ids but "
-                f"{n_features} media feature vectors ({0 if media_features is None else media_features.shape[0]} "
-                f"crops x {self.tokens_per_crop} tokens)"
-            )
+            raise ValueError(placeholder_mismatch(n_placeholders, media_features, layouts))
         if n_features:
             embeds = embeds.masked_scatter(mask.unsqueeze(-1), media_features.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
         elif media_features is not None:  # (0, M, D) keep-alive features of a text-only batch (MM15Module.forward):
@@ -227,8 +229,9 @@ class MM15Model(nn.Module):
 
     # ----- training forward --------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, media_features: torch.Tensor | None = None, **_: Any) -> MM15Output:
-        embeds = self.embed(input_ids, pixel_values, media_features)
+                labels: torch.Tensor | None = None, media_features: torch.Tensor | None = None,
+                layouts: list[list[MediaLayout]] | None = None, **_: Any) -> MM15Output:
+        embeds = self.embed(input_ids, pixel_values, media_features, layouts)
         kwargs = {"output_router_logits": True} if self._is_moe else {}
         decoder = self.llm.get_decoder()
         out = decoder(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False, **kwargs)
@@ -266,9 +269,10 @@ class MM15Model(nn.Module):
     # ----- generation ----------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                 media_features: torch.Tensor | None = None, **generate_kwargs: Any) -> torch.Tensor:
+                 media_features: torch.Tensor | None = None, layouts: list[list[MediaLayout]] | None = None,
+                 **generate_kwargs: Any) -> torch.Tensor:
         """Greedy/sampled continuation of left-padded prompts; returns only the new tokens (B, T_new)."""
-        embeds = self.embed(input_ids, pixel_values, media_features)
+        embeds = self.embed(input_ids, pixel_values, media_features, layouts)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
 
     # ----- one directory on disk ----------------------------------------------------------------
@@ -297,6 +301,24 @@ class MM15Model(nn.Module):
         model = cls.build(spec, tokenizer, crop_size, llm_kwargs)
         model.connector.load_state_dict(load_file(Path(directory) / "connector.safetensors"))
         return model, tokenizer, preprocessing
+
+
+def placeholder_mismatch(n_placeholders: int, media_features: torch.Tensor | None,
+                         layouts: list[list[MediaLayout]] | None = None) -> str:
+    """The error message when placeholders and media features disagree: both numbers, the features'
+    real shape, and what each media item's layout expected when the layouts are known."""
+    if media_features is None:
+        features = "no media features"
+    else:
+        k, m, d = media_features.shape
+        features = f"{k * m} media feature vectors (features of shape ({k}, {m}, {d}): {k} x {m} vectors of size {d})"
+    message = f"media placeholder mismatch: {n_placeholders} placeholder tokens in input_ids but {features}"
+    if layouts is not None:
+        items = [layout for sample in layouts for layout in sample]
+        expected = sum(layout.num_placeholders for layout in items)
+        message += (f"; the layouts expect {expected} placeholders: "
+                    + ("; ".join(layout.describe() for layout in items) or "no media"))
+    return message
 
 
 def read_saved_spec(directory: str | Path) -> tuple[ModelSpec, int, dict[str, Any]]:

@@ -221,7 +221,8 @@ class MM15Module(pl.LightningModule):
         features = self.media_features(batch)
         if features is None:  # text only: still run the tower, so every rank issues the same collectives
             features = self.media_keepalive(batch)
-        return self.model(batch["input_ids"], batch["attention_mask"], labels=batch.get("labels"), media_features=features)
+        return self.model(batch["input_ids"], batch["attention_mask"], labels=batch.get("labels"),
+                          media_features=features, layouts=batch.get("layouts"))
 
     def media_keepalive(self, batch: dict[str, Any]) -> torch.Tensor:
         """(0, M, D) media features that depend on every media parameter: the tower and connector
@@ -262,17 +263,21 @@ class MM15Module(pl.LightningModule):
         tok = self.processor.tokenizer
         out = self.model.generate(
             batch["input_ids"], batch["attention_mask"], media_features=self.media_features(batch),
+            layouts=batch.get("layouts"),
             max_new_tokens=self.generation.max_new_tokens, do_sample=self.generation.do_sample,
             num_beams=self.generation.num_beams, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
         )
         return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
 
     def _records(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        """One prediction record per sample; `media` holds its media layouts as dicts
+        (`mm15.base.data.media.record_layouts` reads them back)."""
         if not batch.get("size"):
             return []
         predictions = self.generate(batch)
-        keys = zip(batch["ids"], batch["tasks"], batch["answers"], batch["metas"], batch["image_sizes"], predictions)
-        return [dict(id=i, task=t, answer=a, meta=m, image_size=s, prediction=p) for i, t, a, m, s, p in keys]
+        keys = zip(batch["ids"], batch["tasks"], batch["answers"], batch["metas"], batch["layouts"], predictions)
+        return [dict(id=i, task=t, answer=a, meta=m, media=[x.to_dict() for x in lay], prediction=p)
+                for i, t, a, m, lay, p in keys]
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.records.extend(self._records(batch))

@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 
 from mm15.base.connector import ConnectorSpec
-from mm15.base.model import IGNORE_INDEX, LLMSpec, MM15Model, ModelSpec, VisionSpec, load_tokenizer
+from mm15.base.data.sample import IGNORE_INDEX
+from mm15.base.model import LLMSpec, MM15Model, ModelSpec, VisionSpec, load_tokenizer
 from mm15.base.training.sharding import enable_activation_checkpointing, shard_model
 
 VIT_L = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mm15.base.data.processor import CLIP_MEAN, CLIP_STD
+from mm15.base.data.media import CLIP_MEAN, CLIP_STD
 from mm15.base.data.splitting import SplitSpec, split_image
 
 SIZES = [(1000, 700), (700, 1000), (1170, 2532), (2532, 1170), (640, 480), (1920, 1080), (300, 300), (4000, 1000)]

@@ -32,11 +32,12 @@ import cv2
 import numpy as np
 import torch
 
+from mm15.base.data.media import fit_size
 from mm15.base.data.sample import IMAGE_TOKEN
 from mm15.base.data.splitting import SplitSpec
 from mm15.base.tiny import tiny_tokenizer
 from mm15.data_builders.synthetic_video import write_video
-from mm15.video.decoding import DecodeSpec, fit_size
+from mm15.video.decoding import DecodeSpec
 from mm15.video.processor import VideoPreprocessSpec, VideoProcessor, VideoSpec
 from mm15.video.sampling import FrameSampling
 
@@ -102,7 +103,7 @@ def timed(fn, repeats: int) -> float:
 def bench_clip(path: str, args: argparse.Namespace) -> dict[str, float]:
     processor = video_processor(args.size, args.frames, args.threads)
     indices = run_mm15(processor, path)
-    size = fit_size(WIDTH, HEIGHT, args.size, processor.spec.video.decode.fit)
+    size = fit_size(WIDTH, HEIGHT, (args.size, args.size), processor.spec.video.decode.resize)
     n = len(indices)
     return {
         "mm15": n / timed(lambda: run_mm15(processor, path), args.repeats),

@@ -71,6 +71,22 @@ def test_placeholder_mismatch_names_both_numbers(tiny_model):
         model(ids, mask, pixel_values=pixels, labels=ids)
 
 
+def test_placeholder_mismatch_names_the_real_shape_of_pooled_features_and_the_layouts(tiny_model):
+    from mm15.base.data.media import MediaLayout
+
+    model, _ = tiny_model
+    ids, mask, _ = _inputs(model, n_crops=0, n_placeholders=12)
+    d = model.llm.config.hidden_size
+    pooled = torch.randn(1, 10, d)  # (1, L, D): SlowFast-pooled video tokens, not crops x tokens_per_crop
+    layouts = [[MediaLayout("video", "v.mp4", crops=4, placeholders=[8, 4], source_size=(64, 48))]]
+    with pytest.raises(ValueError) as error:
+        model(ids, mask, media_features=pooled, layouts=layouts, labels=ids)
+    message = str(error.value)
+    assert f"12 placeholder tokens in input_ids but 10 media feature vectors (features of shape (1, 10, {d})" in message
+    assert "crops x" not in message
+    assert "the layouts expect 12 placeholders: video of 4 crops -> [8, 4]" in message
+
+
 def test_media_changes_the_loss(tiny_model):
     model, _ = tiny_model
     ids, mask, pixels = _inputs(model)

@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mm15.base.data.media import MediaLayout
 from mm15.base.model import load_tokenizer
 from mm15.base.data.processor import IGNORE_INDEX, MM15Processor
 from mm15.base.data.sample import Media, Sample, SampleError, Turn
@@ -99,10 +100,36 @@ def test_media_block_placeholder_counts_override_tokens_per_crop(processor, imag
     class Pooled(MM15Processor):
         def load_media(self, sample, index, media):
             block = super().load_media(sample, index, media)
-            block.placeholders = [7] * block.text.count("<image>")
+            block.layout.placeholders = [7] * block.text.count("<image>")
             return block
 
     pooled = Pooled(processor.tokenizer, processor.spec, tokens_per_crop=4)
     item = pooled(_sample(image))
     assert int((item["input_ids"] == pooled.image_token_id).sum()) == 3 * 7
-    assert MediaBlock(np.zeros((2, 1, 1, 3)), "<image><image>", (1, 1)).counts(4) == [4, 4]
+    assert item["layouts"][0].placeholders == [7, 7, 7]
+    layout = MediaLayout("image", "x.png", crops=2, placeholders=[4, 4], source_size=(1, 1))
+    MediaBlock(np.zeros((2, 1, 1, 3), np.uint8), "<image><image>", layout)
+    with pytest.raises(ValueError, match=r"1 markers but its layout says image of 2 crops -> \[4, 4\]"):
+        MediaBlock(np.zeros((2, 1, 1, 3), np.uint8), "<image>", layout)
+
+
+def test_split_image_layout_names_grid_crops_placeholders_and_size(processor, image):
+    (layout,) = processor(_sample(image))["layouts"]
+    # 64x32 at r=32, grids 1..4: a 1x2 grid + the overview, 4 tokens per crop
+    assert layout == MediaLayout("image", image, crops=3, placeholders=[4, 4, 4], source_size=(64, 32), grid=(1, 2))
+    assert layout.num_placeholders == 12 and layout.backend is None and layout.frame_indices == []
+    unsplit = processor(Sample("m", [Turn("user", "<image><image><image> same?"), Turn("assistant", "yes")],
+                               [Media(image)] * 3))["layouts"]
+    assert [(x.crops, x.grid, x.placeholders) for x in unsplit] == [(1, None, [4])] * 3
+
+
+def test_collate_keeps_the_layouts_per_sample_in_crop_order(processor, image, tmp_path):
+    tall = str(tmp_path / "tall.png")
+    Image.fromarray(np.zeros((96, 32, 3), np.uint8)).save(tall)
+    two = Sample("b", [Turn("user", "<image><image> same?"), Turn("assistant", "no")], [Media(tall), Media(image)])
+    text_only = Sample("t", [Turn("user", "hi"), Turn("assistant", "hello")])
+    batch = processor.collate([processor(_sample(image)), processor(text_only), processor(two)])
+    assert [[x.path for x in sample] for sample in batch["layouts"]] == [[image], [], [tall, image]]
+    assert [x.grid for x in batch["layouts"][2]] == [(3, 1), (1, 2)]
+    assert sum(x.crops for sample in batch["layouts"] for x in sample) == batch["pixel_values"].shape[0] == 3 + 4 + 3
+    assert "image_sizes" not in batch and "media_infos" not in batch

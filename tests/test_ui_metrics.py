@@ -7,6 +7,7 @@ import random
 import pytest
 
 from mm15.base.data.boxes import BoxCodec
+from mm15.base.data.media import MediaLayout
 from mm15.base.metrics import format_table
 from mm15.ui import metrics as M
 
@@ -99,7 +100,8 @@ def test_our_cider_d_matches_pycocoevalcap():
 
 def record(task, platform, prediction, answer, boxes=None, size=(1000, 1000)):
     return {"id": f"{task}:{prediction}", "task": task, "prediction": prediction, "answer": answer,
-            "image_size": list(size), "meta": {"platform": platform, "answer_boxes": boxes or []}}
+            "media": [MediaLayout("image", "screen.png", 1, [4], size).to_dict()],
+            "meta": {"platform": platform, "answer_boxes": boxes or []}}
 
 
 def test_results_rows_and_category_averages_by_hand():
@@ -179,3 +181,12 @@ def test_grounding_decodes_in_the_original_frame_of_each_record():
     rec = record("find_widget", "iphone", text, "<bbox_location0>", true, size)
     assert M.score_grounding([rec], codec)[0] == 1.0
     assert M.score_grounding([dict(rec, prediction="garbage ]][[")], codec)[0] == 0.0
+
+
+def test_boxes_decode_in_the_screenshot_size_from_the_record_media():
+    codec = BoxCodec()
+    tall = (500, 2000)
+    prediction = codec.encode([100, 400, 200, 800], tall)  # on the 1000 x 1000 canvas
+    rows = {r["task"]: r for r in M.ui_results(
+        [record("find_text", "iphone", prediction, "<bbox_location0>", [[100, 400, 200, 800]], size=tall)], codec)}
+    assert prediction != "[100, 400, 200, 800]" and rows["iphone/find_text"]["score"] == 1.0

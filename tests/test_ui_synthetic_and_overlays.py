@@ -2,11 +2,13 @@
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from mm15.base.data.boxes import BoxCodec
+from mm15.base.data.media import MediaLayout
 from mm15.base.data.sample import Sample
 from mm15.data_builders.synthetic_ui import TASK_NAMES, WIDGETS, WORDS, ScreenSpec, SyntheticUISource
 from mm15.ui.overlays import draw_overlay, log_overlays, pick_records, save_overlays
@@ -59,11 +61,11 @@ def test_prepare_is_idempotent_and_deterministic(tmp_path):
 
 
 def test_widgets_are_drawn_where_their_boxes_say(tmp_path):
-    items = list(SyntheticUISource(str(tmp_path), "train", num_screens=20).read())
-    for s in items:
+    source = SyntheticUISource(str(tmp_path), "train", num_screens=20)
+    for s in source.read():
         if s.task != "widget_classification":
             continue
-        image = np.asarray(Image.open(s.meta["screenshot"])).astype(int)
+        image = np.asarray(Image.open(Path(source.media_root) / s.media[0].path)).astype(int)
         x1, y1, x2, y2 = (int(v) for v in s.meta["query_boxes"][0])
         inside = image[y1:y2, x1:x2]
         background = image[0, 0]
@@ -97,12 +99,17 @@ class FakeLogger:
 
 
 def test_save_and_log_overlays_for_a_sample_of_records(tmp_path):
-    items = list(SyntheticUISource(str(tmp_path / "data"), "test", num_screens=12).read())
+    source = SyntheticUISource(str(tmp_path / "data"), "test", num_screens=12)
+    items = list(source.read())
     codec = BoxCodec()
-    records = [{"id": s.id, "task": s.task, "answer": s.answer, "meta": s.meta, "image_size": s.meta["image_size"],
+
+    def screenshot(sample, root=source.media_root):  # a record's `media` entry, as MM15Module writes it
+        return MediaLayout("image", str(Path(root) / sample.media[0].path), 1, [4], tuple(sample.meta["image_size"])).to_dict()
+
+    records = [{"id": s.id, "task": s.task, "answer": s.answer, "meta": s.meta, "media": [screenshot(s)],
                 "prediction": codec.encode(s.meta["answer_boxes"][0], s.meta["image_size"]) if s.meta["answer_boxes"]
                 else "Button"} for s in items]
-    records.append(dict(records[0], meta=dict(records[0]["meta"], screenshot=str(tmp_path / "missing.png"))))
+    records.append(dict(records[0], media=[screenshot(items[0], root=str(tmp_path / "missing"))]))
     picked = pick_records(records, 8)
     assert len(picked) == 8 and len({r["task"] for r in picked}) == len(TASK_NAMES)  # spread over tasks
     paths = save_overlays(records, tmp_path / "overlays", codec, limit=8)

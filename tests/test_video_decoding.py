@@ -78,7 +78,7 @@ def test_decord_decodes_only_needed_frames_at_target_size(videos, monkeypatch):
 
 
 def test_stretch_fills_the_square(videos):
-    video = decoder(n=2, fit="stretch").decode(videos / "ramp.mp4")
+    video = decoder(n=2, resize="stretch").decode(videos / "ramp.mp4")
     assert frame_ids(video.frames, 32) == [0, 29]
 
 

@@ -118,6 +118,9 @@ def test_slowfast_generation_runs_with_matching_placeholders(core_model, clips, 
         trainer(tmp_path).test(module, data(clips), verbose=False)
     records = (tmp_path / "test_predictions.jsonl").read_text().splitlines()
     assert len(records) == 6  # no sample skipped: 2 x 4 slow + 6 x 1 fast placeholders = features
+    (layout,) = json.loads(records[0])["media"]
+    assert layout["kind"] == "video" and layout["crops"] == 6 and layout["placeholders"] == [2 * 4, 6 * 1]
+    assert layout["backend"] == "decord" and len(layout["frame_indices"]) == 6 and layout["grid"] is None
 
 
 def test_fallback_and_notes_are_recorded(clips, tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ pytest.importorskip("decord")
 
 from mm15.base.connector import ConnectorSpec, tokens_per_crop  # noqa: E402
 from mm15.base.data.datamodule import DataErrorBudgetExceeded, MM15DataModule  # noqa: E402
+from mm15.base.data.media import MediaLayout  # noqa: E402
 from mm15.base.data.sample import Media, Sample, SampleError, Turn  # noqa: E402
 from mm15.base.data.sources import write_jsonl, JsonlSource  # noqa: E402
 from mm15.base.data.splitting import SplitSpec  # noqa: E402
@@ -50,8 +51,10 @@ def test_frames_are_crops_with_core_placeholder_count(clip):
     item = proc(video_sample(clip))
     assert item["pixel_values"].shape == (8, 3, 32, 32) and item["pixel_values"].dtype == torch.uint8
     assert int((item["input_ids"] == proc.image_token_id).sum()) == 8 * 4
-    info = item["media_info"][0]
-    assert info["kind"] == "video" and info["crops"] == 8 and info["backend"] == "decord"
+    layout = item["layouts"][0]
+    assert layout.kind == "video" and layout.crops == 8 and layout.backend == "decord" and layout.grid is None
+    assert layout.placeholders == [4] * 8 and layout.source_size == (64, 64) and layout.path == str(clip)
+    assert len(layout.frame_indices) == len(layout.timestamps) == 8
 
 
 def test_mm15_default_is_24_frames_of_144_tokens(clip):
@@ -74,7 +77,7 @@ def test_timestamps_are_off_by_default_and_precede_each_frame(clip):
 
 def test_clip_window_reaches_the_decoder(clip):
     item = processor(frames=2)(video_sample(clip, start=0.5, end=1.0))
-    assert item["media_info"][0]["frame_indices"] == [4, 7]
+    assert item["layouts"][0].frame_indices == [4, 7]
 
 
 def test_bad_video_raises_sample_error_naming_record_and_file(tmp_path):
@@ -91,8 +94,12 @@ def test_slowfast_counts_match_pooled_features(clip):
     assert int((item["input_ids"] == proc.image_token_id).sum()) == slow + fast
     features = torch.randn(8, 16, 5)  # (N, M, D) connector output of the 8 frames
     assert slowfast_pool(features, spec).shape == (slow + fast, 5)
-    pooled = pool_batch(torch.randn(8 + 2, 16, 5), [[item["media_info"][0]], [{"kind": "image", "crops": 2}]], spec)
+    assert item["layouts"][0].placeholders == [slow, fast] and item["layouts"][0].crops == 8
+    image = MediaLayout("image", "x.png", crops=2, placeholders=[16, 16], source_size=(32, 32))
+    pooled = pool_batch(torch.randn(8 + 2, 16, 5), [item["layouts"], [image]], spec)
     assert pooled.shape == (1, slow + fast + 2 * 16, 5)
+    with pytest.raises(ValueError, match="the layouts describe 8 crops but the batch has 10"):
+        pool_batch(torch.randn(8 + 2, 16, 5), [item["layouts"]], spec)
 
 
 def test_slowfast_pathways_keep_slow_detail_and_pool_fast():

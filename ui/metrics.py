@@ -1,7 +1,8 @@
 """UI metrics as Ferret-UI and MM1.5 report them, and the results table.
 
 Per task (and platform), from prediction records (`id`, `task`, `prediction`, `answer`, `meta`,
-`image_size`, as `mm15.base.module.MM15Module` writes them):
+`media`, as `mm15.base.module.MM15Module` writes them; boxes are decoded in the original pixels of the
+first media item, its layout's `source_size`):
 
 * referring (`ocr`, `icon_recognition`, `widget_classification`): normalised exact match
   (`mm15.base.metrics.exact_match`). Baseline: chance, 1 / number of distinct reference answers
@@ -34,6 +35,7 @@ from collections import Counter, defaultdict
 from typing import Any
 
 from mm15.base.data.boxes import BoxCodec
+from mm15.base.data.media import record_layouts
 from mm15.base.metrics import exact_match, normalize_answer
 from mm15.data_builders.ferret_ui import TASKS
 
@@ -159,8 +161,9 @@ def _cider_d(cands: list[str], refs: list[list[str]], n: int = 4, sigma: float =
 
 # ----- per-task scoring ------------------------------------------------------------------------
 def _size(record: dict[str, Any]) -> tuple[int, int] | None:
-    size = record.get("image_size") or (record.get("meta") or {}).get("image_size")
-    return tuple(size) if size else None
+    """(width, height) of the record's screenshot; None for a record without media."""
+    layouts = record_layouts(record)
+    return layouts[0].source_size if layouts else None
 
 
 def score_referring(records: list[dict[str, Any]]) -> tuple[float, float, float | None]:

@@ -1,7 +1,8 @@
 """Overlays: predicted and true boxes drawn on screenshots, for a sample of test items.
 
 True regions in green (the answer's boxes for grounding, the referred box for referring), predicted
-boxes in red, and a caption strip with the task, the prediction and the reference. Small screenshots
+boxes in red, and a caption strip with the task, the prediction and the reference. The screenshot is
+the record's first media item (path and original size from its `media` layout). Small screenshots
 are enlarged (nearest neighbour) so boxes stay readable. Saved as PNG under the run directory and,
 when the logger is TensorBoard, logged as images.
 
@@ -20,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from mm15.base.data.boxes import BoxCodec
+from mm15.base.data.media import record_layouts
 
 TRUE_COLOR = (0, 200, 0)
 PRED_COLOR = (230, 0, 0)
@@ -48,14 +50,17 @@ def draw_overlay(image: Image.Image, true: list[list[float]], predicted: list[li
 
 
 def overlay_for(record: dict[str, Any], codec: BoxCodec) -> Image.Image | None:
-    """The overlay of one prediction record; None when its screenshot cannot be read."""
+    """The overlay of one prediction record; None when it has no screenshot or it cannot be read."""
     meta = record.get("meta") or {}
-    try:
-        with Image.open(meta["screenshot"]) as im:
-            image = im.convert("RGB")
-    except (KeyError, OSError, ValueError):
+    layouts = record_layouts(record)
+    if not layouts:
         return None
-    size = record.get("image_size") or image.size
+    try:
+        with Image.open(layouts[0].path) as im:
+            image = im.convert("RGB")
+    except (OSError, ValueError):
+        return None
+    size = layouts[0].source_size
     true = meta.get("answer_boxes") or meta.get("query_boxes") or []
     predicted = codec.decode_regions(record.get("prediction") or "", tuple(size))
     caption = [f"{meta.get('platform', '?')}/{record.get('task')}  green: true  red: predicted",

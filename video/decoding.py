@@ -14,6 +14,8 @@ Backends, tried in order (`DecodeSpec.backends`):
 
 Every decoded video says which backend served it and what happened on the way
 (`DecodedVideo.backend`, `.notes`); `VideoDecoder.counts` counts backends, fallbacks and failures.
+Frames are fitted into the r x r crop by the core's rule (`mm15.base.data.media`: the backends
+resize while decoding to `fit_size`, the decoder pads with `pad_to`), set by `DecodeSpec.resize`.
 A file no backend can read raises `VideoError` naming the file and each backend's reason.
 
 Rotation: decord applies an MP4 display matrix itself but returns mangled buffers when asked to
@@ -33,9 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import cv2
 import numpy as np
 from PIL import Image
+
+from mm15.base.data.media import MEAN_COLOR, ResizeMode, fit_size, pad_to, resize_pixels
 
 from .probe import VideoInfo, probe_video
 from .sampling import FrameSampling, WindowError, sample_frame_indices
@@ -54,8 +57,9 @@ class DecodeSpec:
 
     Args:
         backends: decoders tried in order for video files.
-        fit: `pad` (resize keeping aspect, pad right/bottom with the encoder's mean colour, as the
-            core does for a one-crop image) or `stretch` (resize to r x r) [choice: pad].
+        resize: `pad` (resize keeping aspect, pad right/bottom with the encoder's mean colour, as the
+            core does for a one-crop image) or `stretch` (resize to r x r) [choice: pad]; the same
+            setting as the image splitting's `SplitSpec.resize`.
         folder_fps: frame rate assumed for videos stored as frame folders (for clip windows and
             timestamps).
         threads: decoder threads per video (1: parallelism comes from the loader workers; 0: FFmpeg
@@ -63,7 +67,7 @@ class DecodeSpec:
     """
 
     backends: list[Backend] = field(default_factory=lambda: ["decord", "pyav"])
-    fit: Literal["pad", "stretch"] = "pad"
+    resize: ResizeMode = "pad"
     folder_fps: float = 1.0
     threads: int = 1
 
@@ -76,33 +80,6 @@ class DecodedVideo:
     backend: str  # decord | pyav | frames
     notes: list[str] = field(default_factory=list)
     size: tuple[int, int] = (0, 0)  # displayed (width, height) of the source
-
-
-def fit_size(width: int, height: int, r: int, fit: str) -> tuple[int, int]:
-    """(w, h) a frame is resized to: longer side r with aspect kept (`pad`), or r x r."""
-    if fit == "stretch":
-        return r, r
-    scale = r / max(width, height)
-    return max(1, round(width * scale)), max(1, round(height * scale))
-
-
-def resize_frames(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(N, H, W, 3) -> (N, h, w, 3) with area interpolation (frames shrink almost always)."""
-    if frames.shape[2:0:-1] == size:
-        return frames
-    return np.stack([cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in frames])
-
-
-def pad_square(frames: np.ndarray, r: int, color: tuple[int, int, int]) -> np.ndarray:
-    """(N, h, w, 3) with h, w <= r -> (N, r, r, 3), the frame top-left (the core's convention)."""
-    n, h, w, _ = frames.shape
-    if (h, w) == (r, r):
-        return frames
-    out = np.empty((n, r, r, 3), dtype=np.uint8)
-    out[:, :h, :w] = frames
-    out[:, h:] = color  # only the margins are filled: this runs once per video in the loader
-    out[:, :h, w:] = color
-    return out
 
 
 # ----- decord ------------------------------------------------------------------------------------
@@ -124,7 +101,7 @@ def read_decord(path: str, sampling: FrameSampling, r: int, spec: DecodeSpec,
     info = _probe(path)
     if info.rotation and info.container != "mp4":
         raise RuntimeError(f"rotation {info.rotation} in a {info.container} container (decord's handling unverified)")
-    size = fit_size(info.width, info.height, r, spec.fit)
+    size = fit_size(info.width, info.height, (r, r), spec.resize)
     native = info.rotation != 0  # see the module docstring
     w, h = (-1, -1) if native else size
     reader = decord.VideoReader(path, width=w, height=h, num_threads=spec.threads)
@@ -132,7 +109,7 @@ def read_decord(path: str, sampling: FrameSampling, r: int, spec: DecodeSpec,
     pick = sample_frame_indices(times[:, 0], float(times[-1, 1]), sampling, start, end)
     frames = reader.get_batch(pick.indices).asnumpy()  # (N, h, w, 3)
     notes = pick.notes + ([f"rotation {info.rotation}: decoded at native size, resized after"] if native else [])
-    frames = resize_frames(frames, size) if native else frames
+    frames = resize_pixels(frames, size) if native else frames
     if frames.shape[1:] != (size[1], size[0], 3):
         raise RuntimeError(f"decord returned frames of shape {frames.shape[1:]}, expected {(size[1], size[0], 3)}")
     return DecodedVideo(frames, pick.indices, times[pick.indices, 0].tolist(), "decord", notes, (info.width, info.height))
@@ -165,18 +142,18 @@ def displayed_size(frame) -> tuple[int, int]:
     return (frame.height, frame.width) if rot in (90, 270) else (frame.width, frame.height)
 
 
-def _frame_array(frame, r: int, fit: str) -> np.ndarray:
+def _frame_array(frame, r: int, resize: ResizeMode) -> np.ndarray:
     """One PyAV frame -> (h, w, 3) uint8 at the target size, upright."""
     rot = int(frame.rotation) % 360
     w, h = displayed_size(frame)
-    tw, th = fit_size(w, h, r, fit)
+    tw, th = fit_size(w, h, (r, r), resize)
     pre = (th, tw) if rot in (90, 270) else (tw, th)
     array = frame.reformat(width=pre[0], height=pre[1], format="rgb24").to_ndarray()
     return np.ascontiguousarray(np.rot90(array, k=rot // 90)) if rot else array
 
 
 def _decode_targets(container, stream, targets: np.ndarray, keys: np.ndarray, r: int,
-                    fit: str) -> tuple[dict[int, np.ndarray], tuple[int, int]]:
+                    resize: ResizeMode) -> tuple[dict[int, np.ndarray], tuple[int, int]]:
     """pts -> frame for each target pts, and the displayed source size; seeks only when a keyframe lies between here and the target.
     Damaged data loses the target being decoded; the next one starts again from a fresh seek."""
     import av
@@ -192,7 +169,7 @@ def _decode_targets(container, stream, targets: np.ndarray, keys: np.ndarray, r:
             for frame in frames:
                 position = frame.pts
                 if frame.pts is not None and frame.pts >= target:
-                    out[int(target)], size = _frame_array(frame, r, fit), displayed_size(frame)
+                    out[int(target)], size = _frame_array(frame, r, resize), displayed_size(frame)
                     break
         except av.FFmpegError:
             frames = None
@@ -218,7 +195,7 @@ def read_pyav(path: str, sampling: FrameSampling, r: int, spec: DecodeSpec,
         step = step * base or (float(np.median(np.diff(times))) if len(times) > 1 else 0.04)
         pick = sample_frame_indices(times, float(times[-1] + step), sampling, start, end)
         wanted = np.unique(pts[pick.indices])
-        decoded, size = _decode_targets(container, stream, wanted, keys, r, spec.fit)
+        decoded, size = _decode_targets(container, stream, wanted, keys, r, spec.resize)
     if 2 * len(decoded) < len(wanted):
         raise ValueError(f"only {len(decoded)} of {len(wanted)} chosen frames could be decoded")
     frames = _fill_missing([int(pts[i]) for i in pick.indices], decoded, notes)
@@ -240,10 +217,10 @@ def _natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
-def _load_frame(path: Path, r: int, fit: str) -> np.ndarray:
+def _load_frame(path: Path, r: int, resize: ResizeMode) -> np.ndarray:
     try:
         with Image.open(path) as im:
-            size = fit_size(im.width, im.height, r, fit)
+            size = fit_size(im.width, im.height, (r, r), resize)
             im.draft("RGB", size)  # JPEG: decode at 1/2, 1/4 or 1/8 scale when that still covers `size`
             return np.asarray(im.convert("RGB").resize(size, Image.BILINEAR))
     except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
@@ -252,17 +229,17 @@ def _load_frame(path: Path, r: int, fit: str) -> np.ndarray:
 
 def read_frame_folder(path: str, sampling: FrameSampling, r: int, spec: DecodeSpec,
                       start: float | None, end: float | None) -> DecodedVideo:
-    fps, fit = spec.folder_fps, spec.fit
+    fps = spec.folder_fps
     files = sorted((p for p in Path(path).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: _natural_key(p.name))
     if not files:
         raise VideoError(f"{path}: frame folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
     times = np.arange(len(files)) / fps
     pick = sample_frame_indices(times, len(files) / fps, sampling, start, end)
-    loaded = {i: _load_frame(files[i], r, fit) for i in sorted(set(pick.indices))}
+    loaded = {i: _load_frame(files[i], r, spec.resize) for i in sorted(set(pick.indices))}
     shapes = {a.shape for a in loaded.values()}
     if len(shapes) > 1:  # frames of different sizes: bring them to the first one's
         first = loaded[pick.indices[0]].shape[1::-1]
-        loaded = {i: cv2.resize(a, first, interpolation=cv2.INTER_AREA) for i, a in loaded.items()}
+        loaded = {i: resize_pixels(a, first) for i, a in loaded.items()}
     frames = np.stack([loaded[i] for i in pick.indices])
     with Image.open(files[0]) as im:
         size = im.size
@@ -274,14 +251,14 @@ class VideoDecoder:
     """Decode the chosen frames of one video, falling back across backends; counts what served.
 
     Args:
-        spec: backends, fit and frame-folder rate.
+        spec: backends, resize rule and frame-folder rate.
         sampling: which frames (see `mm15.video.sampling`).
         size: r, the side of the square crop each frame becomes.
-        pad_color: fill for `fit="pad"` (the encoder's mean colour, 0..255).
+        pad_color: fill for `resize="pad"` (the encoder's mean colour, 0..255).
     """
 
     def __init__(self, spec: DecodeSpec, sampling: FrameSampling, size: int,
-                 pad_color: tuple[int, int, int] = (122, 116, 104)):
+                 pad_color: tuple[int, int, int] = MEAN_COLOR):
         self.spec, self.sampling, self.size, self.pad_color = spec, sampling, size, tuple(pad_color)
         self.counts: Counter[str] = Counter()
 
@@ -293,7 +270,7 @@ class VideoDecoder:
             self.counts["failed"] += 1
             raise VideoError(str(e) if isinstance(e, VideoError) else f"{path}: {e}") from None
         self.counts[video.backend] += 1
-        video.frames = pad_square(video.frames, self.size, self.pad_color)
+        video.frames = pad_to(video.frames, (self.size, self.size), self.pad_color)
         return video
 
     def _decode(self, path: str, start: float | None, end: float | None) -> DecodedVideo:

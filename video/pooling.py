@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mm15.base.data.media import MediaLayout
+
 
 @dataclass
 class SlowFastSpec:
@@ -75,19 +77,18 @@ def slowfast_pool(features: torch.Tensor, spec: SlowFastSpec) -> torch.Tensor:
     return torch.cat([as_tokens(slow), as_tokens(fast)])  # (L, D)
 
 
-def pool_batch(features: torch.Tensor, media_infos: list[list[dict]], spec: SlowFastSpec) -> torch.Tensor:
+def pool_batch(features: torch.Tensor, layouts: list[list[MediaLayout]], spec: SlowFastSpec) -> torch.Tensor:
     """(C, M, D) features of all crops of a batch -> (1, L, D): each video pooled, images kept.
 
-    `media_infos` (per sample, per media item) say how many crops each item has and whether it is
-    a video, in the order the crops were concatenated.
+    `layouts` (the batch's `layouts`: per sample, per media item) say how many crops each item has
+    and whether it is a video, in the order the crops were concatenated.
     """
     parts, start = [], 0
-    for infos in media_infos:
-        for info in infos:
-            n = int(info["crops"])
-            chunk = features[start: start + n]  # (n, M, D)
-            parts.append(slowfast_pool(chunk, spec) if info.get("kind") == "video" else chunk.reshape(-1, chunk.shape[-1]))
-            start += n
+    for sample_layouts in layouts:
+        for layout in sample_layouts:
+            chunk = features[start: start + layout.crops]  # (n, M, D)
+            parts.append(slowfast_pool(chunk, spec) if layout.kind == "video" else chunk.reshape(-1, chunk.shape[-1]))
+            start += layout.crops
     if start != features.shape[0]:
-        raise ValueError(f"media infos describe {start} crops but the batch has {features.shape[0]}")
+        raise ValueError(f"the layouts describe {start} crops but the batch has {features.shape[0]}")
     return torch.cat(parts).unsqueeze(0)  # (1, L, D)

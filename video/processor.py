@@ -10,11 +10,12 @@ With SlowFast pooling the block is two markers, slow and fast, whose counts come
     spec = VideoPreprocessSpec(split=SplitSpec(crop_size=378, mode="none"))
     processor = VideoProcessor(tokenizer, spec, tokens_per_crop=144)
     item = processor(sample)   # item["pixel_values"]: (24, 3, 378, 378) uint8
-    item["media_info"][0]      # {"kind": "video", "crops": 24, "backend": "decord", "notes": [...]}
+    item["layouts"][0]         # MediaLayout(kind="video", crops=24, placeholders=[144] * 24,
+                               #             backend="decord", notes=[...], frame_indices=[...], ...)
 
 A video that cannot be used raises `SampleError` naming the record, the file and the reason; the
 data module turns it into a quarantine entry. Which backend served it, and any fallback or
-clamping, is in `media_info` (counted and logged by `mm15.video.module`).
+clamping, is in its `mm15.base.data.media.MediaLayout` (counted and logged by `mm15.video.module`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from mm15.base.data.media import MediaLayout
 from mm15.base.data.processor import MediaBlock, MM15Processor, PreprocessSpec
 from mm15.base.data.sample import IMAGE_TOKEN, Media, Sample
 
@@ -36,7 +38,7 @@ class VideoSpec:
 
     Args:
         sampling: which frames (N = 24 uniform by default).
-        decode: backends, fit, frame-folder rate. Frames are `split.crop_size` pixels square:
+        decode: backends, resize rule, frame-folder rate. Frames are `split.crop_size` pixels square:
             set it to the vision encoder's base resolution for video runs [choice, MM1.5 does not
             publish the frame resolution].
         timestamps: write each frame's time before its marker [off by default].
@@ -79,17 +81,15 @@ class VideoProcessor(MM15Processor):
 
     def load_media(self, sample: Sample, index: int, media: Media) -> MediaBlock:
         if media.kind != "video":
-            block = super().load_media(sample, index, media)
-            block.info.update(kind="image", crops=len(block.crops))
-            return block
+            return super().load_media(sample, index, media)
         try:
             video = self.decoder.decode(media.path, media.start, media.end)
         except VideoError as e:
             raise sample.error(str(e)) from None
         text, counts = self.video_text(video)
-        info = {"kind": "video", "crops": len(video.frames), "backend": video.backend, "notes": video.notes,
-                "path": media.path, "frame_indices": video.indices}
-        return MediaBlock(video.frames, text, video.size, info, placeholders=counts)
+        layout = MediaLayout("video", media.path, len(video.frames), counts, video.size, backend=video.backend,
+                             notes=video.notes, frame_indices=video.indices, timestamps=video.timestamps)
+        return MediaBlock(video.frames, text, layout)
 
     def video_text(self, video: DecodedVideo) -> tuple[str, list[int]]:
         """The text block of one video and the placeholder count of each of its markers."""

@@ -8,6 +8,11 @@ knows nothing about text. Variants override the hooks `load_media` (video frames
     item = processor(sample)                    # training: labels on assistant tokens only
     item = processor(sample, generate=True)     # prompt only, ends with the assistant header
     batch = processor.collate([item, ...])      # padded; pixel_values (C, 3, r, r) uint8
+    batch["layouts"][b][k]                      # MediaLayout of sample b's k-th media item
+
+Each media item becomes a `MediaBlock`: its crops, its text, and its `mm15.base.data.media.MediaLayout`
+(kind, path, crops, placeholders per marker, grid, source size, ...), which travels on through
+`collate` to the model and into the test/predict records.
 
 Token layout of one media item split into crops (position indicator `index`):
     "(1,1,1)" <image>*M "(1,1,2)" <image>*M ... "(1,0,0)" <image>*M      # overview last
@@ -26,12 +31,9 @@ from PIL import Image, UnidentifiedImageError
 from transformers import PreTrainedTokenizerBase
 
 from mm15.base.data.boxes import BoxCodec
-from mm15.base.data.sample import BOX_MARKER, IMAGE_TOKEN, Media, Sample, SampleError, Skip
+from mm15.base.data.media import CLIP_MEAN, CLIP_STD, MediaLayout
+from mm15.base.data.sample import BOX_MARKER, IGNORE_INDEX, IMAGE_TOKEN, Media, Sample, Skip
 from mm15.base.data.splitting import SplitPlan, SplitSpec, split_image
-
-IGNORE_INDEX = -100
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass
@@ -64,18 +66,18 @@ class PreprocessSpec:
 
 @dataclass
 class MediaBlock:
-    """One media item as crops (n, r, r, 3) uint8, the text that stands for it, its original size."""
+    """One media item as crops (n, r, r, 3) uint8, the text that stands for it and its layout (one
+    `<image>` marker of `text` per entry of `layout.placeholders`, `layout.crops` rows of `crops`)."""
 
     crops: np.ndarray
     text: str
-    size: tuple[int, int]  # (width, height) of the original image / frame
-    info: dict[str, Any] = field(default_factory=dict)
-    # Placeholder tokens per `<image>` marker of `text`, in order. None: `tokens_per_crop` each (one
-    # marker per crop). Variants that reshape features (video SlowFast pooling) set their counts.
-    placeholders: list[int] | None = None
+    layout: MediaLayout
 
-    def counts(self, tokens_per_crop: int) -> list[int]:
-        return self.placeholders if self.placeholders is not None else [tokens_per_crop] * self.text.count(IMAGE_TOKEN)
+    def __post_init__(self) -> None:
+        markers = self.text.count(IMAGE_TOKEN)
+        if len(self.crops) != self.layout.crops or markers != len(self.layout.placeholders):
+            raise ValueError(f"media block of {len(self.crops)} crops and {markers} markers but its layout says "
+                             f"{self.layout.describe()}")
 
 
 def load_rgb(path: str, sample: Sample) -> np.ndarray:
@@ -107,7 +109,9 @@ class MM15Processor:
         image = load_rgb(media.path, sample)
         split = len(sample.media) <= self.spec.split.max_images_to_split
         crops, plan = split_image(image, self.spec.split, split)
-        return MediaBlock(np.stack(crops), self.media_text(index, plan), (image.shape[1], image.shape[0]))
+        layout = MediaLayout("image", media.path, plan.num_crops, [self.tokens_per_crop] * plan.num_crops,
+                             (image.shape[1], image.shape[0]), plan.grid if plan.has_grid else None)
+        return MediaBlock(np.stack(crops), self.media_text(index, plan), layout)
 
     def media_text(self, index: int, plan: SplitPlan) -> str:
         """Text for one media item: one `<image>` per crop with its position indicator."""
@@ -126,7 +130,7 @@ class MM15Processor:
         """Turns -> chat messages with media blocks and region text substituted. `has_regions` is
         decided on the full sample (a grounding answer's boxes count even when generating)."""
         rng = random.Random(f"{self.spec.seed}:{sample.id}")
-        size = blocks[0].size if blocks else None
+        size = blocks[0].layout.source_size if blocks else None
         texts = iter(b.text for b in blocks)
         messages = []
         if has_regions is None:
@@ -166,7 +170,7 @@ class MM15Processor:
         blocks = [self.load_media(sample, k, m) for k, m in enumerate(sample.media)]
         messages = self.build_messages(sample, blocks, has_regions)
         ids, labels = self.tokenize(messages, generate, sample)
-        counts = [c for b in blocks for c in b.counts(self.tokens_per_crop)]
+        counts = [c for b in blocks for c in b.layout.placeholders]
         ids, labels = self.expand_placeholders(ids, labels, counts, sample)
         n_crops = sum(len(b.crops) for b in blocks)
         if len(ids) > self.spec.max_length:
@@ -181,8 +185,7 @@ class MM15Processor:
             "labels": torch.from_numpy(labels),
             "pixel_values": torch.from_numpy(pixels).permute(0, 3, 1, 2),  # (n, 3, r, r) uint8
             "id": sample.id, "task": sample.task, "answer": answer, "meta": sample.meta,
-            "image_size": blocks[0].size if blocks else None,
-            "media_info": [b.info for b in blocks],
+            "layouts": [b.layout for b in blocks],
         }
 
     def tokenize(self, messages: list[dict[str, str]], generate: bool, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
@@ -249,6 +252,7 @@ class MM15Processor:
             ids[row, cols], labels[row, cols], mask[row, cols] = x["input_ids"], x["labels"], 1
         batch.update(input_ids=ids, labels=labels, attention_mask=mask,
                      pixel_values=torch.cat([x["pixel_values"] for x in items]))
-        for key in ("id", "task", "answer", "meta", "image_size", "media_info"):
-            batch[key + "s"] = [x[key] for x in items]  # ids, tasks, answers, metas, ...
+        for key in ("id", "task", "answer", "meta"):
+            batch[key + "s"] = [x[key] for x in items]  # ids, tasks, answers, metas
+        batch["layouts"] = [x["layouts"] for x in items]  # per sample: one MediaLayout per media item
         return batch

@@ -14,6 +14,8 @@ Conventions
   convention). A region is `[x1, y1, x2, y2]` (box) or `[x, y]` (point) in pixels of the original
   first image of the sample. How it becomes text (canvas, rounding, box vs point for referring) is
   the processor's business (`mm15.base.data.boxes.BoxCodec`), never the builder's.
+* Labels: `IGNORE_INDEX` marks the positions of a tokenised sample that carry no target (prompt,
+  media placeholders, padding); the processor writes it and the model's loss skips it.
 * `task` names the task for per-task metrics; `meta` carries free information a metric may need
   (`choices`, `num_choices`, `platform`, `answer_aliases`, ...). `source` is the file the record
   came from, so every error can name it.
@@ -28,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 IMAGE_TOKEN = "<image>"
+IGNORE_INDEX = -100  # PyTorch's cross-entropy default `ignore_index`
 ROLES = ("system", "user", "assistant")
 BOX_MARKER = re.compile(r"<bbox_location(\d+)>")
 

@@ -11,7 +11,7 @@ n_min <= n_h * n_w <= n_max:
 * `select="llava_next"` (Ferret-UI's released code): maximum effective resolution, then least waste.
 
 Resize then pad (right/bottom, with the encoder's mean colour) [choice]; `resize="stretch"` is
-Ferret-UI's behaviour. `overview="first"` is Ferret-UI's order; MM1.5 puts it last.
+Ferret-UI's behaviour. Both are `mm15.base.data.media.fit_into`, the rule video frames follow too. `overview="first"` is Ferret-UI's order; MM1.5 puts it last.
 
     spec = SplitSpec(crop_size=672, grid_min=4, grid_max=9)
     plan = plan_split(width=1170, height=2532, spec=spec)   # SplitPlan(grid=(3, 2), ...)
@@ -23,8 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-import cv2
 import numpy as np
+
+from mm15.base.data.media import MEAN_COLOR, ResizeMode, fit_into, fit_size, pad_to, resize_pixels
 
 SplitMode = Literal["dynamic", "static", "none"]
 
@@ -42,7 +43,8 @@ class SplitSpec:
         grids: explicit list of (n_h, n_w) grids overriding (grid_min, grid_max); Ferret-UI anyres
             is [[1, 2], [2, 1], [2, 2], [3, 1], [1, 3]].
         select: grid selection rule, `mm15` or `llava_next` (see module docstring).
-        resize: `pad` (resize keeping aspect, pad right/bottom) or `stretch`.
+        resize: `pad` (resize keeping aspect, pad right/bottom) or `stretch` (the setting video
+            decoding shares, `mm15.video.decoding.DecodeSpec.resize`).
         overview: `last` (MM1.5), `first` (Ferret-UI) or `none`.
         max_images_to_split: samples with more images than this are not split (MM1.5: 3 or more
             images -> one crop each).
@@ -54,10 +56,10 @@ class SplitSpec:
     grid_max: int = 9
     grids: list[tuple[int, int]] | None = None
     select: Literal["mm15", "llava_next"] = "mm15"
-    resize: Literal["pad", "stretch"] = "pad"
+    resize: ResizeMode = "pad"
     overview: Literal["last", "first", "none"] = "last"
     max_images_to_split: int = 2
-    pad_color: tuple[int, int, int] = (122, 116, 104)  # CLIP mean colour in 0..255
+    pad_color: tuple[int, int, int] = MEAN_COLOR
 
 
 @dataclass
@@ -117,7 +119,7 @@ def plan_split(width: int, height: int, spec: SplitSpec, split: bool = True) -> 
     """Decide grid, resized size and crop order for one image; `split=False` forces one crop."""
     r = spec.crop_size
     if not split or spec.mode == "none":
-        return SplitPlan((1, 1), _resized_in(width, height, 1.0 * r / max(width, height), spec), False, "none", [(0, 0)])
+        return SplitPlan((1, 1), fit_size(width, height, (r, r), spec.resize), False, "none", [(0, 0)])
     if spec.mode == "static":
         grid = (2, 2)
     else:
@@ -128,36 +130,13 @@ def plan_split(width: int, height: int, spec: SplitSpec, split: bool = True) -> 
         order = order + [(0, 0)]
     elif spec.overview == "first":
         order = [(0, 0)] + order
-    resized = _resized_in(width, height, _fit_scale(width, height, grid, r), spec)
-    if spec.resize == "stretch":
-        resized = (grid[1] * r, grid[0] * r)
+    resized = fit_size(width, height, (grid[1] * r, grid[0] * r), spec.resize)
     return SplitPlan(grid, resized, True, spec.overview, order)
-
-
-def _resized_in(width: int, height: int, scale: float, spec: SplitSpec) -> tuple[int, int]:
-    return max(1, round(width * scale)), max(1, round(height * scale))
-
-
-def _place(image: np.ndarray, size: tuple[int, int], canvas: tuple[int, int], pad: tuple[int, int, int]) -> np.ndarray:
-    """Resize `image` (H, W, 3) to `size` (w, h) and paste it top-left on a `canvas` (w, h)."""
-    w, h = size
-    interp = cv2.INTER_AREA if w < image.shape[1] else cv2.INTER_CUBIC
-    resized = cv2.resize(image, (w, h), interpolation=interp) if (w, h) != image.shape[1::-1] else image
-    if (w, h) == canvas:
-        return resized
-    out = np.empty((canvas[1], canvas[0], 3), dtype=np.uint8)
-    out[...] = pad
-    out[:h, :w] = resized[: canvas[1], : canvas[0]]
-    return out
 
 
 def overview_crop(image: np.ndarray, spec: SplitSpec) -> np.ndarray:
     """The whole image as one r x r crop (resized keeping aspect and padded, or stretched)."""
-    r = spec.crop_size
-    h, w = image.shape[:2]
-    if spec.resize == "stretch":
-        return _place(image, (r, r), (r, r), spec.pad_color)
-    return _place(image, _resized_in(w, h, r / max(w, h), spec), (r, r), spec.pad_color)
+    return fit_into(image, (spec.crop_size, spec.crop_size), spec.resize, spec.pad_color)
 
 
 def split_image(image: np.ndarray, spec: SplitSpec, split: bool = True) -> tuple[list[np.ndarray], SplitPlan]:
@@ -168,7 +147,7 @@ def split_image(image: np.ndarray, spec: SplitSpec, split: bool = True) -> tuple
     if not plan.has_grid:
         return [overview_crop(image, spec)], plan
     n_h, n_w = plan.grid
-    canvas = _place(image, plan.resized, (n_w * r, n_h * r), spec.pad_color)  # (n_h*r, n_w*r, 3)
+    canvas = pad_to(resize_pixels(image, plan.resized), (n_w * r, n_h * r), spec.pad_color)  # (n_h*r, n_w*r, 3)
     overview = overview_crop(image, spec) if plan.overview != "none" else None
     crops = [overview if i == 0 else canvas[(i - 1) * r: i * r, (j - 1) * r: j * r] for i, j in plan.crop_order]
     return crops, plan

@@ -9,6 +9,9 @@ learning rates, checkpoints, test by generation):
 * batch hooks: count which decoder served each video (`video/backend_*` in the logs, a line after
   each test) and append every video with notes (fallback, clamped window, repeated frames, ...)
   to `<run dir>/video_notes.jsonl`.
+* `on_test_records`: contact sheets of a seeded sample of test videos (the frames as the model saw
+  them, the question, the reference and the prediction) in `<run dir>/contact_sheets/` and in
+  TensorBoard (`mm15.video.contact_sheets`).
 
 `mode`:
 * `sft`: fine-tune on video instruction data (`mm15 fit`), then test.
@@ -33,7 +36,9 @@ from pytorch_lightning.trainer.states import TrainerFn
 from mm15.base.module import MM15Module
 from mm15.base.data.processor import PreprocessSpec
 from mm15.base.specs import from_dict
+from mm15.base.training.plots import log_images
 
+from .contact_sheets import FrameCapture, save_contact_sheets
 from .metrics import video_qa_metrics
 from .pooling import pool_batch
 from .processor import VideoPreprocessSpec, VideoProcessor, VideoSpec
@@ -50,17 +55,21 @@ class MM15VideoModule(MM15Module):
     video: the video part of the preprocessing, put on top of `preprocessing` or, without it, of the
         pretrained model's saved preprocessing (training-free runs keep the core model's resolution
         and template and only say how to sample frames).
+    contact_sheets: how many test videos to draw as contact sheets (0: none).
     """
 
     preprocess_class = VideoPreprocessSpec
 
     def __init__(self, *args: Any, mode: Literal["training_free", "sft"] = "sft",
-                 preprocessing: VideoPreprocessSpec | None = None, video: VideoSpec | None = None, **kwargs: Any):
+                 preprocessing: VideoPreprocessSpec | None = None, video: VideoSpec | None = None,
+                 contact_sheets: int = 8, **kwargs: Any):
         super().__init__(*args, preprocessing=preprocessing, **kwargs)
         if video is not None:
             self.processor.spec = replace(self.processor.spec, video=video)
         self.mode = mode
         self.backend_counts: Counter[str] = Counter()
+        self.contact_sheets = contact_sheets
+        self.frame_capture = FrameCapture(contact_sheets)
 
     def build_processor(self, tokenizer: Any, preprocessing: PreprocessSpec, per_crop: int) -> VideoProcessor:
         if not isinstance(preprocessing, VideoPreprocessSpec):  # a core spec: video fields at defaults
@@ -121,5 +130,21 @@ class MM15VideoModule(MM15Module):
     def on_validation_batch_start(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self.record_videos(batch)
 
-    on_test_batch_start = on_validation_batch_start
     on_predict_batch_start = on_validation_batch_start
+
+    # ----- contact sheets of test videos ---------------------------------------------------------
+    def on_test_epoch_start(self) -> None:
+        super().on_test_epoch_start()
+        self.frame_capture = FrameCapture(self.contact_sheets)
+
+    def on_test_batch_start(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.record_videos(batch)
+        self.frame_capture.add(batch, self.processor)  # uint8 still: `media_features` normalises in the step
+
+    def on_test_records(self, records: list[dict[str, Any]]) -> None:
+        """After the report: a sheet per captured video (rank 0's share of the test set)."""
+        if self.contact_sheets and self.trainer.is_global_zero:
+            directory = Path(self.trainer.default_root_dir) / "contact_sheets"
+            paths = save_contact_sheets(self.frame_capture.items, records, directory)
+            log_images(self.logger, paths, self.global_step, tag="test/contact_sheets")
+            print(f"{len(paths)} contact sheets in {directory}", flush=True)

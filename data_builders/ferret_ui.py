@@ -15,8 +15,10 @@ turn; read them with `require_answer=False` (an eval record's optional `label` b
 * Task: inferred from the file name the way Ferret-UI's `train.py` does (first of `TASKS`, in that
   order, contained in the name); `task=` overrides. An unknown task is a configuration error.
 * `meta` also carries what metrics and overlays need: `image_size` (the file's), `answer_boxes` (the
-  last answer's boxes, original pixels), `query_boxes` (the questions' boxes), `screenshot` (the
-  resolved path), `task_kind`, `raw_id`.
+  last answer's boxes, original pixels), `query_boxes` (the questions' boxes), `task_kind`,
+  `raw_id`. The screenshot is the sample's one `Media`; metrics and overlays read its path and size
+  from the prediction record's `media` (`mm15.base.data.media.MediaLayout`).
+* Turns: `conversations` as LLaVA writes them (`mm15.data_builders.llava.parse_conversation`).
 * Platform (`meta["platform"]`, for the Ref-i / Ref-A / Grd-i / Grd-A averages): the record's own
   `platform` field if any, else `iphone`/`ios` or `android` in the file name or image path, else the
   `platform=` argument; Spotlight tasks (Rico screens) are Android. Otherwise `unknown`.
@@ -45,7 +47,9 @@ from typing import Any, Iterator, Literal
 
 from PIL import Image
 
-from mm15.base.data.sample import BOX_MARKER, IMAGE_TOKEN, Media, Sample, SampleError, Skip, Turn
+from mm15.base.data.sample import BOX_MARKER, Media, Sample, SampleError, Skip, Turn
+from mm15.base.data.sources import samples_from_rows
+from mm15.data_builders.llava import parse_conversation
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +64,6 @@ TASKS: dict[str, str] = {
     "conversation_interaction": "advanced", "function": "advanced",
 }
 SPOTLIGHT = ("screen2words", "widgetcaptions", "taperception")
-ROLE = {"human": "user", "gpt": "assistant", "system": "system"}
 PLATFORM_WORDS = {"iphone": "iphone", "ios": "iphone", "android": "android"}
 
 
@@ -141,17 +144,16 @@ class FerretUISource:
             raise ValueError(f"{file}: not valid JSON ({e.msg} at line {e.lineno})") from e
         if not isinstance(rows, list):
             raise ValueError(f"{file}: a Ferret-UI file is a JSON list of records, got {type(rows).__name__}")
-        for index, row in enumerate(rows):
+        labelled = ((f"#{index}", row) for index, row in enumerate(rows))
+        for item in samples_from_rows(labelled, file, partial(self.parse, file=file), self.require_answer):
             self.counts["records"] += 1
-            try:
-                yield self.parse(row, file, index)
-            except SampleError as e:
-                self.counts["skipped"] += 1
-                yield e.as_skip("parse")
+            self.counts["skipped"] += isinstance(item, Skip)
+            yield item
 
-    def parse(self, row: Any, file: str, index: int) -> Sample:
-        """One released record -> a validated `Sample`; raises `SampleError` naming the record."""
-        raw_id = row.get("id", f"#{index}") if isinstance(row, dict) else f"#{index}"
+    def parse(self, row: Any, label: str, file: str) -> Sample:
+        """One released record (`label`: `#<index>` in its file) -> a validated `Sample`; raises
+        `SampleError` naming the record."""
+        raw_id = row.get("id", label) if isinstance(row, dict) else label
         err = partial(SampleError, raw_id, file)
         if not isinstance(row, dict):
             raise err(f"expected a JSON object, got {type(row).__name__}")
@@ -167,8 +169,7 @@ class FerretUISource:
             turns.append(Turn("assistant", row["label"]))
         answer = [t for t in turns if t.role == "assistant"]
         meta = {"raw_id": raw_id, "platform": self._platform(row, file, image, task), "task_kind": TASKS[task],
-                "image_size": [width, height], "screenshot": str(Path(self.media_root) / image),
-                "answer_boxes": answer[-1].boxes if answer else [],
+                "image_size": [width, height], "answer_boxes": answer[-1].boxes if answer else [],
                 "query_boxes": [b for t in turns if t.role == "user" for b in t.boxes]}
         if self.keep_masks and "masks" in row:
             meta["masks"] = row["masks"]
@@ -211,26 +212,18 @@ class FerretUISource:
 
 def _turns(row: dict, err) -> list[Turn]:
     """`conversations` + per-turn `box_x1y1x2y2` -> turns with raw boxes (checked later)."""
-    conversations = row.get("conversations")
-    if not isinstance(conversations, list) or not conversations:
-        raise err("missing or empty 'conversations'")
+    turns = parse_conversation(row, err, num_media=1)  # Ferret-UI puts `<image>` first in the first question
     per_turn = row.get("box_x1y1x2y2") or []
     if not isinstance(per_turn, list) or any(not isinstance(b, list) for b in per_turn):
         raise err("'box_x1y1x2y2' must be a list with one list of boxes per turn")
-    if len(per_turn) > len(conversations) and any(per_turn[len(conversations):]):
-        raise err(f"'box_x1y1x2y2' has boxes for {len(per_turn)} turns but there are {len(conversations)} turns")
-    turns = []
-    for k, message in enumerate(conversations):
-        if not isinstance(message, dict) or message.get("from") not in ROLE or not isinstance(message.get("value"), str):
-            raise err(f"turn {k}: expected {{'from': 'human'|'gpt', 'value': str}}, got {str(message)[:80]}")
+    if len(per_turn) > len(turns) and any(per_turn[len(turns):]):
+        raise err(f"'box_x1y1x2y2' has boxes for {len(per_turn)} turns but there are {len(turns)} turns")
+    for k, turn in enumerate(turns):
         boxes = per_turn[k] if k < len(per_turn) else []
-        markers = len(set(BOX_MARKER.findall(message["value"])))
+        markers = len(set(BOX_MARKER.findall(turn.text)))
         if markers != len(boxes):
             raise err(f"turn {k}: {len(boxes)} boxes for {markers} <bbox_location> placeholders")
-        turns.append(Turn(ROLE[message["from"]], message["value"], list(boxes)))
-    if not any(IMAGE_TOKEN in t.text for t in turns):  # Ferret-UI puts it first in the first question
-        first = next((t for t in turns if t.role == "user"), turns[0])
-        first.text = f"{IMAGE_TOKEN}\n{first.text}"
+        turn.boxes = list(boxes)
     return turns
 
 

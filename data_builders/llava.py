@@ -10,60 +10,56 @@ Layout as published: one JSON array (or JSONL) of records
 (also `user`|`assistant`). A record whose `<image>` count differs from its images, with an
 unknown role, or without an assistant turn is skipped with the reason. Records with an image but
 no `<image>` tag get one prepended to the first human turn, as LLaVA's training code does.
+
+`parse_conversation` (the turn list) also serves the Ferret-UI reader and the video instruction
+builders, which share this conversation format.
 """
 
 from __future__ import annotations
 
-import json
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from mm15.base.data.sample import IMAGE_TOKEN, Media, Sample, SampleError, Skip, Turn
+from mm15.base.data.sources import read_json_records, samples_from_rows
 
 ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+TURN_FORMAT = "{'from': 'human'|'gpt'|'system', 'value': str}"
 
 
-def read_json_records(path: str) -> Iterator[tuple[str, Any] | Skip]:
-    """(record label, row) pairs from a JSON array or JSONL file; malformed lines become Skips."""
-    text = Path(path).read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            yield Skip("<file>", path, f"malformed JSON file: {e.msg} at line {e.lineno}")
-            return
-        yield from ((f"#{i}", row) for i, row in enumerate(rows))
-        return
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                yield f"line {lineno}", json.loads(line)
-            except json.JSONDecodeError as e:
-                yield Skip(f"line {lineno}", path, f"malformed JSON line: {e.msg} at column {e.colno}")
+def parse_conversation(row: Any, error: Callable[[str], SampleError], num_media: int = 0) -> list[Turn]:
+    """A record's `conversations`, `[{"from": "human"|"gpt"|..., "value": str}, ...]`, -> `Turn`s
+    with roles from `ROLE_MAP`. `error(reason)` makes the `SampleError` naming the record and file.
 
-
-def llava_record_to_sample(row: dict[str, Any], label: str, source: str, media_key: str = "image",
-                           kind: str = "image", require_answer: bool = True, task: str = "default") -> Sample:
-    record_id = str(row.get("id", label)) if isinstance(row, dict) else label
-    if not isinstance(row, dict) or not isinstance(row.get("conversations"), list):
-        raise SampleError(record_id, source, "record has no `conversations` list")
-    paths = row.get(media_key)
-    paths = [] if paths is None else [paths] if isinstance(paths, str) else list(paths)
+    With `num_media` items and no `<image>` in any turn, that many markers are put before the first
+    human turn, as LLaVA's (and Ferret-UI's) training code does.
+    """
+    conversations = row.get("conversations") if isinstance(row, dict) else None
+    if not isinstance(conversations, list) or not conversations:
+        raise error("missing or empty 'conversations'")
     turns = []
-    for k, msg in enumerate(row["conversations"]):
-        if not isinstance(msg, dict) or "value" not in msg:
-            raise SampleError(record_id, source, f"turn {k} is not a {{from, value}} object")
-        role = ROLE_MAP.get(str(msg.get("from")).lower())
+    for k, message in enumerate(conversations):
+        if not isinstance(message, dict) or not isinstance(message.get("value"), str):
+            raise error(f"turn {k}: expected {TURN_FORMAT}, got {str(message)[:80]}")
+        role = ROLE_MAP.get(str(message.get("from")).lower())
         if role is None:
-            raise SampleError(record_id, source, f"turn {k}: unknown role {msg.get('from')!r}")
-        turns.append(Turn(role=role, text=str(msg["value"])))
-    n_tags = sum(t.text.count(IMAGE_TOKEN) for t in turns)
-    if paths and n_tags == 0:
-        first_user = next((t for t in turns if t.role == "user"), None)
-        if first_user is not None:
-            first_user.text = IMAGE_TOKEN * len(paths) + "\n" + first_user.text
-    media = [Media(path=str(p), kind=kind) for p in paths]
-    return Sample(record_id, turns, media, task=task, source=source).validate(require_answer)
+            raise error(f"turn {k}: expected {TURN_FORMAT}, got unknown role {message.get('from')!r}")
+        turns.append(Turn(role, message["value"]))
+    if num_media and not any(IMAGE_TOKEN in t.text for t in turns):
+        first = next((t for t in turns if t.role == "user"), turns[0])
+        first.text = IMAGE_TOKEN * num_media + "\n" + first.text
+    return turns
+
+
+def llava_record_to_sample(row: Any, label: str, source: str, media_key: str = "image",
+                           kind: str = "image", task: str = "default") -> Sample:
+    """One LLaVA record -> a `Sample` (not yet validated: `samples_from_rows` does that)."""
+    record_id = str(row.get("id", label)) if isinstance(row, dict) else label
+    paths = row.get(media_key) if isinstance(row, dict) else None
+    paths = [] if paths is None else [paths] if isinstance(paths, str) else list(paths)
+    turns = parse_conversation(row, partial(SampleError, record_id, source), num_media=len(paths))
+    return Sample(record_id, turns, [Media(path=str(p), kind=kind) for p in paths], task=task, source=source)
 
 
 class LlavaJsonSource:
@@ -76,13 +72,8 @@ class LlavaJsonSource:
         self.task = task
         self.require_answer = require_answer
 
+    def to_sample(self, row: Any, label: str) -> Sample:
+        return llava_record_to_sample(row, label, self.path, task=self.task)
+
     def read(self) -> Iterator[Sample | Skip]:
-        for item in read_json_records(self.path):
-            if isinstance(item, Skip):
-                yield item
-                continue
-            label, row = item
-            try:
-                yield llava_record_to_sample(row, label, self.path, require_answer=self.require_answer, task=self.task)
-            except SampleError as e:
-                yield e.as_skip("parse")
+        yield from samples_from_rows(read_json_records(self.path), self.path, self.to_sample, self.require_answer)

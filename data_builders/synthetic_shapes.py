@@ -5,7 +5,8 @@ The answer needs the pixels (the text never reveals it). Images vary in size and
 dynamic splitting is exercised. Splits use different seeds, so held-out images are new.
 
     source = SyntheticShapesSource("data/shapes", split="train", num_samples=2000)
-    source.prepare()            # writes data/shapes/train.jsonl and data/shapes/train/*.png once
+    source.prepare()            # writes data/shapes/train.jsonl and data/shapes/train/*.png, once per
+                                # set of parameters (`mm15.base.data.sources.build_once`)
     samples = list(source.read())
 
 Chance level: 1/6 for colour, 1/4 for position and shape (`meta["num_choices"]`). Colour and
@@ -23,7 +24,7 @@ import cv2
 import numpy as np
 
 from mm15.base.data.sample import IMAGE_TOKEN, Media, Sample, Skip, Turn
-from mm15.base.data.sources import JsonlSource, write_jsonl
+from mm15.base.data.sources import JsonlSource, generated_jsonl
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220),
            "yellow": (235, 215, 20), "purple": (150, 40, 190), "orange": (245, 140, 20)}
@@ -63,6 +64,13 @@ def make_image(rng: random.Random, min_side: int, max_side: int) -> tuple[np.nda
     return canvas, {"colour": colour, "shape": shape, "position": POSITIONS[position]}
 
 
+def question_sample(split: str, n: int, question: str, answer: str, choices: list[str], media: Media,
+                    task: str) -> Sample:
+    """Item `n` of a generated split: one question about one media item, answered by one of `choices`."""
+    return Sample(f"{split}-{n:05d}", [Turn("user", question), Turn("assistant", answer)], [media], task=task,
+                  meta={"num_choices": len(choices), "choices": choices})
+
+
 def build_split(root: Path, split: str, num_samples: int, seed: int, questions: list[str],
                 min_side: int, max_side: int) -> list[Sample]:
     rng = random.Random(seed)
@@ -73,20 +81,22 @@ def build_split(root: Path, split: str, num_samples: int, seed: int, questions: 
         rel = f"{split}/{n:05d}.png"
         cv2.imwrite(str(root / rel), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
         task = questions[n % len(questions)]
-        answer, choices = answers[task], CHOICES[task]
-        turns = [Turn("user", f"{IMAGE_TOKEN}\n{QUESTIONS[task]}"), Turn("assistant", answer)]
-        samples.append(Sample(f"{split}-{n:05d}", turns, [Media(rel)], task=task,
-                              meta={"num_choices": len(choices), "choices": choices}))
+        samples.append(question_sample(split, n, f"{IMAGE_TOKEN}\n{QUESTIONS[task]}", answers[task], CHOICES[task],
+                                       Media(rel), task))
     return samples
 
 
 class SyntheticShapesSource:
-    """Args:
-    root: output folder (images and `<split>.jsonl`); generated once, reused afterwards.
-    split: train | val | test (different seeds, so held-out images are unseen).
-    num_samples: images in this split.
-    questions: which question types to ask, cycled (`colour`, `position`, `shape`).
-    min_side, max_side: image sides in pixels (random per image, so aspect ratios vary).
+    """The shapes task as a source: `<root>/<split>.jsonl` and `<root>/<split>/*.png`, generated once
+    per set of parameters (`mm15.base.data.sources.generated_jsonl`).
+
+    Args:
+        root: output folder.
+        split: train | val | test (different seeds, so held-out images are unseen).
+        num_samples: images in this split.
+        questions: which question types to ask, cycled (`colour`, `position`, `shape`).
+        min_side, max_side: image sides in pixels (random per image, so aspect ratios vary).
+        seed: overrides the split's seed.
     """
 
     def __init__(self, root: str, split: str = "train", num_samples: int = 1000,
@@ -100,16 +110,14 @@ class SyntheticShapesSource:
         self.seed = SPLIT_SEEDS.get(split, 3) if seed is None else seed
         self.media_root = str(self.root)
 
-    @property
-    def path(self) -> Path:
-        return self.root / f"{self.split}.jsonl"
+    def params(self) -> dict:
+        return {"num_samples": self.num_samples, "seed": self.seed, "questions": self.questions,
+                "min_side": self.min_side, "max_side": self.max_side}
 
-    def prepare(self) -> None:
-        if not self.path.exists():
-            samples = build_split(self.root, self.split, self.num_samples, self.seed, self.questions,
-                                  self.min_side, self.max_side)
-            write_jsonl(samples, self.path)
+    def prepare(self) -> JsonlSource:
+        """Generate the split unless it exists with the same parameters; the source that reads it."""
+        return generated_jsonl(self.root, self.split, self.params(), lambda: build_split(
+            self.root, self.split, self.num_samples, self.seed, self.questions, self.min_side, self.max_side))
 
     def read(self) -> Iterator[Sample | Skip]:
-        self.prepare()
-        yield from JsonlSource(str(self.path), media_root=self.media_root).read()
+        yield from self.prepare().read()

@@ -25,7 +25,8 @@ get `meta["on_screen_boxes"]` (every widget's box): answering with one of them a
 prior, 1/4 on a four-widget screen, far above the average box.
 
     source = SyntheticUISource("data/ui", split="train", num_screens=600)
-    source.prepare()    # idempotent: writes data/ui/images/*.png and data/ui/train/<task>_<platform>_train.json
+    source.prepare()    # writes data/ui/images/*.png and data/ui/train/<task>_<platform>_train.json, once
+                        # per set of parameters (`data/ui/train.params.json`)
     samples = list(source.read())
 """
 
@@ -40,6 +41,7 @@ from typing import Iterator
 from PIL import Image, ImageDraw
 
 from mm15.base.data.sample import Sample, Skip
+from mm15.base.data.sources import build_once
 
 from .ferret_ui import TASKS, FerretUISource
 
@@ -266,15 +268,16 @@ class SyntheticUISource:
     def split_dir(self) -> Path:
         return self.root / self.split
 
-    def manifest(self) -> dict:
+    def params(self) -> dict:
         return {"num_screens": self.num_screens, "seed": self.seed, "tasks": self.tasks, "screen": asdict(self.screen),
                 "questions": self.questions, "words": list(WORDS), "version": 5}
 
     def prepare(self) -> None:
-        """Write the split unless the same one is already there."""
-        manifest = self.split_dir / "MANIFEST"  # JSON, named so the reader's *.json glob skips it
-        if manifest.is_file() and json.loads(manifest.read_text()) == json.loads(json.dumps(self.manifest())):
-            return
+        """Write the split unless it is there with the same parameters (`<root>/<split>.params.json`,
+        outside the split folder the reader globs)."""
+        build_once(self.root, self.split, self.params(), self._build)
+
+    def _build(self) -> None:
         rng = random.Random(self.seed * 1_000_003 + SPLIT_OFFSET[self.split])
         files: dict[str, list[dict]] = {f"{t}_{p}_{self.split}.json": [] for t in self.tasks for p in PLATFORMS}
         (self.root / "images").mkdir(parents=True, exist_ok=True)
@@ -295,11 +298,9 @@ class SyntheticUISource:
         for file, records in files.items():
             (self.split_dir / file).write_text(json.dumps(records, indent=1))
         (self.split_dir / "SCREENS").write_text(json.dumps(screens))
-        manifest.write_text(json.dumps(self.manifest()))
 
     def read(self) -> Iterator[Sample | Skip]:
-        if not (self.split_dir / "MANIFEST").is_file():
-            self.prepare()
+        self.prepare()
         on_screen = self.split_dir / "SCREENS"  # written with the split (absent in copies made by hand)
         screens = json.loads(on_screen.read_text()) if on_screen.is_file() else {}
         for sample in FerretUISource(str(self.split_dir), media_root=self.media_root).read():

@@ -15,7 +15,8 @@ Clips are written as real video files (H.264 through PyAV, lossless by default s
 stay identical; or `mp4v` through OpenCV) and read back through the normal sampler.
 
     source = SyntheticVideoSource("data/colours", split="train", num_samples=1200)
-    source.prepare()        # writes data/colours/train.jsonl and data/colours/train/*.mp4 once
+    source.prepare()        # writes data/colours/train.jsonl and data/colours/train/*.mp4, once per
+                            # set of parameters (`mm15.base.data.sources.build_once`)
 
 `write_video` is also what the tests and benchmarks use to make fixtures (rotation, variable
 frame rate, sparse keyframes).
@@ -24,7 +25,6 @@ frame rate, sparse keyframes).
 from __future__ import annotations
 
 import itertools
-import json
 import random
 from fractions import Fraction
 from pathlib import Path
@@ -33,9 +33,9 @@ from typing import Iterable, Iterator, Literal
 import cv2
 import numpy as np
 
-from mm15.base.data.sample import IMAGE_TOKEN, Media, Sample, Skip, Turn
-from mm15.base.data.sources import JsonlSource, write_jsonl
-from mm15.data_builders.synthetic_shapes import COLOURS, SHAPES, draw_shape
+from mm15.base.data.sample import IMAGE_TOKEN, Media, Sample, Skip
+from mm15.base.data.sources import JsonlSource, generated_jsonl
+from mm15.data_builders.synthetic_shapes import COLOURS, SHAPES, draw_shape, question_sample
 
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 PALETTE = ("red", "green", "blue", "yellow")
@@ -146,24 +146,26 @@ def build_split(root: Path, split: str, num_samples: int, seed: int, task: Task,
         clip, answer, choices = make_task_clip(task, rng, size, num_frames, speed)
         rel = f"{split}/{n:05d}.mp4"
         write_video(root / rel, clip, fps, codec, lossless=True)
-        turns = [Turn("user", f"{QUESTIONS[task]}\n{IMAGE_TOKEN}"), Turn("assistant", answer)]
-        samples.append(Sample(f"{split}-{n:05d}", turns, [Media(rel, kind="video")], task=task,
-                              meta={"choices": choices, "num_choices": len(choices)}))
+        samples.append(question_sample(split, n, f"{QUESTIONS[task]}\n{IMAGE_TOKEN}", answer, choices,
+                                       Media(rel, kind="video"), task))
     return samples
 
 
 class SyntheticVideoSource:
-    """Args:
-    root: output folder (clips and `<split>.jsonl`); generated once, reused afterwards.
-    split: train | val | test (different seeds, so held-out clips are unseen).
-    num_samples: clips in this split.
-    task: `majority_colour` or `direction` (see the module docstring).
-    size: frame side in pixels (even). num_frames: frames per clip (`majority_colour`: a multiple
-        of 5, sampled 5 or 10 frames at a time so each segment counts the same; `direction`: odd, so there is one middle frame, e.g. 15 = 1 + 7 * 2 lets 8 uniform
-        samples land every second frame). fps: clip rate.
-    speed: motion per frame as a fraction of the frame side (keep it under 1/2 per *sampled*
-        frame, or wrapping around makes the direction ambiguous).
-    codec: `h264` (PyAV, lossless) or `mp4v` (OpenCV).
+    """A video task as a source: `<root>/<split>.jsonl` and the clips `<root>/<split>/*.mp4`, written
+    once per set of parameters (`mm15.base.data.sources.generated_jsonl`).
+
+    Args:
+        root, split, num_samples, seed: as `SyntheticShapesSource` (held-out clips are unseen).
+        task: `majority_colour` or `direction` (see the module docstring).
+        size: frame side in pixels (even).
+        num_frames: frames per clip (`majority_colour`: a multiple of 5, sampled 5 or 10 frames at a
+            time so each segment counts the same; `direction`: odd, so there is one middle frame,
+            e.g. 15 = 1 + 7 * 2 lets 8 uniform samples land every second frame).
+        speed: motion per frame as a fraction of the frame side (keep it under 1/2 per *sampled*
+            frame, or wrapping around makes the direction ambiguous).
+        fps: clip rate.
+        codec: `h264` (PyAV, lossless) or `mp4v` (OpenCV).
     """
 
     def __init__(self, root: str, split: str = "train", num_samples: int = 800, task: Task = "majority_colour",
@@ -175,24 +177,15 @@ class SyntheticVideoSource:
         self.seed = SPLIT_SEEDS.get(split, 13) if seed is None else seed
         self.media_root = str(self.root)
 
-    @property
-    def path(self) -> Path:
-        return self.root / f"{self.split}.jsonl"
-
     def params(self) -> dict:
-        return {"num_samples": self.num_samples, "seed": self.seed, "task": self.task, "size": self.size, "num_frames": self.num_frames,
-                "speed": self.speed, "fps": self.fps, "codec": self.codec}
+        return {"num_samples": self.num_samples, "seed": self.seed, "task": self.task, "size": self.size,
+                "num_frames": self.num_frames, "speed": self.speed, "fps": self.fps, "codec": self.codec}
 
-    def prepare(self) -> None:
-        """Generate the split unless it exists with the same parameters (then it is reused)."""
-        stamp = self.root / f"{self.split}.params.json"
-        if self.path.exists() and stamp.exists() and json.loads(stamp.read_text()) == self.params():
-            return
-        samples = build_split(self.root, self.split, self.num_samples, self.seed, self.task, self.size,
-                              self.num_frames, self.speed, self.fps, self.codec)
-        write_jsonl(samples, self.path)
-        stamp.write_text(json.dumps(self.params()))
+    def prepare(self) -> JsonlSource:
+        """Generate the split unless it exists with the same parameters; the source that reads it."""
+        return generated_jsonl(self.root, self.split, self.params(), lambda: build_split(
+            self.root, self.split, self.num_samples, self.seed, self.task, self.size, self.num_frames, self.speed,
+            self.fps, self.codec))
 
     def read(self) -> Iterator[Sample | Skip]:
-        self.prepare()
-        yield from JsonlSource(str(self.path), media_root=self.media_root).read()
+        yield from self.prepare().read()

@@ -10,27 +10,13 @@ referenced by one `<image>` marker; bad records become `Skip`s naming the record
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from mm15.base.data.sample import IMAGE_TOKEN, Media, Sample, SampleError, Skip, Turn
-from mm15.data_builders.llava import llava_record_to_sample, read_json_records
+from mm15.base.data.sources import read_json_records, samples_from_rows
+from mm15.data_builders.llava import llava_record_to_sample
 
 VIDEO_TAG = "<video>"
-
-
-def read_samples(path: str, to_sample: Callable[[Any, str], Sample]) -> Iterator[Sample | Skip]:
-    """Records of a JSON/JSONL file through `to_sample`; every failure becomes a `Skip`."""
-    for item in read_json_records(path):
-        if isinstance(item, Skip):
-            yield item
-            continue
-        label, row = item
-        try:
-            yield to_sample(row, label)
-        except SampleError as e:
-            yield e.as_skip("parse")
-        except (TypeError, ValueError, KeyError, AttributeError) as e:
-            yield Skip(label, path, f"malformed record ({type(e).__name__}: {e})", "parse")
 
 
 def _window(row: dict[str, Any]) -> tuple[float | None, float | None]:
@@ -70,13 +56,12 @@ class LlavaVideoJsonSource:
                 for m in row["conversations"]])
         if isinstance(row, dict) and not row.get("video"):
             raise SampleError(str(row.get("id", label)), self.path, "record has no `video`")
-        sample = llava_record_to_sample(row, label, self.path, media_key="video", kind="video",
-                                        require_answer=self.require_answer, task=self.task)
+        sample = llava_record_to_sample(row, label, self.path, media_key="video", kind="video", task=self.task)
         sample.media[0].start, sample.media[0].end = _window(row)
         return sample
 
     def read(self) -> Iterator[Sample | Skip]:
-        yield from read_samples(self.path, self.to_sample)
+        yield from samples_from_rows(read_json_records(self.path), self.path, self.to_sample, self.require_answer)
 
 
 class VideoChat2Source:
@@ -116,7 +101,7 @@ class VideoChat2Source:
             turns += [Turn("user", (IMAGE_TOKEN + "\n" if k == 0 else "") + text), Turn("assistant", str(qa["a"]))]
         start, end = _window(row)
         media = [Media(str(row["video"]), kind="video", start=start, end=end)]
-        return Sample(record_id, turns, media, task=self.task, source=self.path).validate()
+        return Sample(record_id, turns, media, task=self.task, source=self.path)
 
     def read(self) -> Iterator[Sample | Skip]:
-        yield from read_samples(self.path, self.to_sample)
+        yield from samples_from_rows(read_json_records(self.path), self.path, self.to_sample)

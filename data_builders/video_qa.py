@@ -25,9 +25,10 @@ import json
 import re
 import string
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from mm15.base.data.sample import IMAGE_TOKEN, Media, Sample, SampleError, Skip, Turn
+from mm15.base.data.sources import samples_from_rows
 
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 SHORT_ANSWER = "Answer the question using a single word or phrase."
@@ -59,18 +60,6 @@ def multiple_choice_sample(record_id: str, source: str, video: str, question: st
     turns = [Turn("user", text)] + ([Turn("assistant", letters[answer_index])] if answer_index is not None else [])
     meta = {**(meta or {}), "choices": options, "answer_index": answer_index, "num_choices": len(options)}
     return Sample(record_id, turns, [Media(video, kind="video")], task=task, source=source, meta=meta)
-
-
-def _samples(rows: Iterable[tuple[str, Any]], source: str, to_sample: Callable[[Any, str], Sample],
-             require_answer: bool) -> Iterator[Sample | Skip]:
-    """Rows through `to_sample` and `validate`; failures become Skips naming the row."""
-    for label, row in rows:
-        try:
-            yield to_sample(row, label).validate(require_answer)
-        except SampleError as e:
-            yield e.as_skip("parse")
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            yield Skip(label, source, f"malformed row ({type(e).__name__}: {e})", "parse")
 
 
 def _load_json(path: str) -> Any:
@@ -111,7 +100,8 @@ class ActivityNetQASource:
     def read(self) -> Iterator[Sample | Skip]:
         answers = {str(a["question_id"]): a for a in _load_json(self.answers)} if self.answers else {}
         rows = ((str(r.get("question_id", f"#{i}")), r) for i, r in enumerate(_load_json(self.questions)))
-        yield from _samples(rows, self.questions, lambda row, _: self.to_sample(row, answers), self.require_answer)
+        yield from samples_from_rows(rows, self.questions, lambda row, _: self.to_sample(row, answers),
+                                     self.require_answer)
 
 
 class NExTQASource:
@@ -145,7 +135,7 @@ class NExTQASource:
         paths = _load_json(self.video_map) if self.video_map else {}
         with open(self.path, newline="", encoding="utf-8") as f:
             rows = [(f"line {k + 2}", row) for k, row in enumerate(csv.DictReader(f))]
-        yield from _samples(rows, self.path, lambda row, _: self.to_sample(row, paths), self.require_answer)
+        yield from samples_from_rows(rows, self.path, lambda row, _: self.to_sample(row, paths), self.require_answer)
 
 
 class EgoSchemaSource:
@@ -175,7 +165,8 @@ class EgoSchemaSource:
     def read(self) -> Iterator[Sample | Skip]:
         answers = _load_json(self.answers) if self.answers else {}
         rows = ((str(r.get("q_uid", f"#{i}")), r) for i, r in enumerate(_load_json(self.questions)))
-        yield from _samples(rows, self.questions, lambda row, _: self.to_sample(row, answers), self.require_answer)
+        yield from samples_from_rows(rows, self.questions, lambda row, _: self.to_sample(row, answers),
+                                     self.require_answer)
 
 
 class VideoMMESource:
@@ -216,4 +207,4 @@ class VideoMMESource:
 
     def read(self) -> Iterator[Sample | Skip]:
         rows = ((str(r.get("question_id", f"#{i}")), r) for i, r in enumerate(self.rows()))
-        yield from _samples(rows, self.path, lambda row, _: self.to_sample(row), self.require_answer)
+        yield from samples_from_rows(rows, self.path, lambda row, _: self.to_sample(row), self.require_answer)

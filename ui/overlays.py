@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 
 from mm15.base.data.boxes import BoxCodec
 from mm15.base.data.media import record_layouts
+from mm15.base.training.plots import log_images
 
 TRUE_COLOR = (0, 200, 0)
 PRED_COLOR = (230, 0, 0)
@@ -101,11 +102,4 @@ def save_overlays(records: list[dict[str, Any]], directory: str | Path, codec: B
 
 def log_overlays(logger: Any, paths: list[Path], step: int = 0, tag: str = "test/overlays") -> int:
     """Add the overlays to a TensorBoard logger (others are left alone); returns how many."""
-    writer = getattr(logger, "experiment", None)
-    if not hasattr(writer, "add_image"):
-        return 0
-    for k, path in enumerate(paths):
-        with Image.open(path) as im:
-            writer.add_image(f"{tag}/{k:03d}", np.asarray(im.convert("RGB")), step, dataformats="HWC")
-    writer.flush()
-    return len(paths)
+    return log_images(logger, paths, step, tag)

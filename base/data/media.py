@@ -32,7 +32,7 @@ from mm15.base.data.sample import MediaKind
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # The mean in 0..255, truncated as LLaVA's `expand2square` does: (122, 116, 104).
-MEAN_COLOR: tuple[int, int, int] = tuple(int(255 * m) for m in CLIP_MEAN)  # type: ignore[assignment]
+MEAN_COLOR = (int(255 * CLIP_MEAN[0]), int(255 * CLIP_MEAN[1]), int(255 * CLIP_MEAN[2]))
 
 ResizeMode = Literal["pad", "stretch"]
 
@@ -42,7 +42,7 @@ def fit_size(width: int, height: int, canvas: tuple[int, int], resize: ResizeMod
     """(w, h) a `width` x `height` image takes inside `canvas` (w, h): as large as fits with the
     aspect kept (`pad`), or the canvas itself (`stretch`)."""
     if resize == "stretch":
-        return tuple(canvas)  # type: ignore[return-value]
+        return canvas[0], canvas[1]
     scale = min(canvas[0] / width, canvas[1] / height)
     return max(1, round(width * scale)), max(1, round(height * scale))
 

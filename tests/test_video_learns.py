@@ -1,7 +1,7 @@
 """The video demo learns a task that needs several frames, and one frame is not enough.
 
 `configs/video/demo.yaml` through the CLI, as a user runs it (`mm15 fit` then `mm15 test`): held-out
-accuracy at least twice chance on "which colour is the shape most often?" (5 frames). The slow check
+accuracy at least twice chance on "which colour is the shape most often?" (5 frames). The control
 trains the same model on the single middle frame: it stays below twice chance (it cannot be right
 more than 2 times in 5 by construction, see `mm15.data_builders.synthetic_video`).
 """
@@ -29,6 +29,7 @@ def run_demo(tmp_path, monkeypatch, *overrides: str) -> dict:
     return {r["task"]: r for r in cli.model.compute_metrics(cli.model.records)}["majority_colour"]
 
 
+@pytest.mark.learns(seconds=70)
 def test_video_demo_learns_beyond_twice_chance(tmp_path, monkeypatch, capsys):
     row = run_demo(tmp_path, monkeypatch)
     with capsys.disabled():
@@ -37,7 +38,7 @@ def test_video_demo_learns_beyond_twice_chance(tmp_path, monkeypatch, capsys):
     assert "videos decoded by backend: decord" in capsys.readouterr().out
 
 
-@pytest.mark.slow
+@pytest.mark.learns(seconds=40)
 def test_single_middle_frame_stays_below_twice_chance(tmp_path, monkeypatch):
     row = run_demo(tmp_path, monkeypatch, "--model.init_args.preprocessing.video.sampling.num_frames=1",
                    "--model.init_args.preprocessing.video.sampling.method=slowfast")

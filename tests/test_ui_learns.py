@@ -53,6 +53,7 @@ def on_screen(rows: dict, kind: str) -> float:
     return sum(rows[f"{kind}-{p}"]["on_screen"] for p in "iA") / 2
 
 
+@pytest.mark.learns(seconds=300)
 def test_ui_demo_learns_referring_and_grounding(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     rows, cli = train_and_test(DEMO)

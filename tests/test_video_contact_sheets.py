@@ -8,7 +8,9 @@ import torch
 from PIL import Image
 import numpy as np
 
-pytest.importorskip("decord")
+from required_imports import import_required
+
+import_required("decord")  # fails where pyproject.toml requires decord
 
 from pytorch_lightning.loggers import TensorBoardLogger  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402

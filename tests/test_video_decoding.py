@@ -10,7 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
-decord = pytest.importorskip("decord")
+from required_imports import import_required
+
+decord = import_required("decord")  # fails where pyproject.toml requires decord
 from decord._ffi.base import DECORDError  # noqa: E402
 
 from mm15.data_builders.synthetic_video import write_video  # noqa: E402

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 from pytorch_lightning import LightningDataModule
 
-pytest.importorskip("decord")
+from required_imports import import_required
+
+import_required("decord")  # fails where pyproject.toml requires decord
 
 from mm15.base.cli import MM15CLI  # noqa: E402
 from mm15.base.module import MM15Module  # noqa: E402

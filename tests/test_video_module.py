@@ -8,7 +8,9 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-pytest.importorskip("decord")
+from required_imports import import_required
+
+import_required("decord")  # fails where pyproject.toml requires decord
 
 from mm15.base.training.adapters import LoraSpec  # noqa: E402
 from mm15.base.data.datamodule import MM15DataModule  # noqa: E402

@@ -7,7 +7,9 @@ import random
 import pytest
 import torch
 
-pytest.importorskip("decord")
+from required_imports import import_required
+
+import_required("decord")  # fails where pyproject.toml requires decord
 
 from mm15.base.connector import ConnectorSpec, tokens_per_crop  # noqa: E402
 from mm15.base.data.datamodule import DataErrorBudgetExceeded, MM15DataModule  # noqa: E402

@@ -6,7 +6,9 @@ import random
 import numpy as np
 import pytest
 
-pytest.importorskip("decord")
+from required_imports import import_required
+
+import_required("decord")  # fails where pyproject.toml requires decord
 
 from mm15.base.data.sample import IMAGE_TOKEN  # noqa: E402
 from mm15.data_builders.synthetic_shapes import COLOURS  # noqa: E402

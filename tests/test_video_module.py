@@ -96,10 +96,19 @@ def test_sft_trains_with_core_freezing_and_learning_rates(clips, tmp_path):
     module.configure_model()
     vision = {n: p.detach().clone() for n, p in module.model.vision.named_parameters()}
     llm = {n: p.detach().clone() for n, p in module.model.llm.named_parameters()}
-    trainer(tmp_path, max_steps=2, limit_val_batches=0).fit(module, data(clips))
+    connector = {n: p.detach().clone() for n, p in module.model.connector.named_parameters()}
+    fit = trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    fit.fit(module, data(clips))
     assert all(torch.equal(p, vision[n]) for n, p in module.model.vision.named_parameters())
     assert any(not torch.equal(p, llm[n]) for n, p in module.model.llm.named_parameters())
     assert module.backend_counts["decord"] >= 6
+    rates = {g["name"]: g["lr"] for g in fit.optimizers[0].param_groups}
+    assert {name.split("_")[0] for name in rates} == {"connector", "llm"}  # the frozen tower has no group
+    assert all(lr == (1e-3 if name.startswith("connector") else 2e-5) for name, lr in rates.items()), rates
+    # Over two AdamW steps each weight moves by about 2 x lr: the connector's steps are 1e-3, the LLM's 2e-5.
+    moved = {part: max(float((p.detach() - start[n]).abs().max()) for n, p in getattr(module.model, part).named_parameters())
+             for part, start in (("connector", connector), ("llm", llm))}
+    assert 1e-3 < moved["connector"] <= 2.1e-3 and 0 < moved["llm"] <= 4.2e-5, moved
 
 
 def test_sft_with_lora_trains_adapters_only(clips, tmp_path):
@@ -109,17 +118,23 @@ def test_sft_with_lora_trains_adapters_only(clips, tmp_path):
     trainable = {n.split(".")[0] for n, p in module.model.named_parameters() if p.requires_grad}
     lora_only = all("lora_" in n for n, p in module.model.llm.named_parameters() if p.requires_grad)
     assert trainable == {"connector", "llm"} and lora_only
-    trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, data(clips))
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    trainer(tmp_path, max_steps=2, limit_val_batches=0).fit(module, data(clips))  # lora_A moves from step 2 (B = 0 before)
+    after = dict(module.model.named_parameters())
+    changed = {n for n, p in after.items() if not torch.equal(p, before[n])}
+    assert changed == {n for n, p in after.items() if p.requires_grad}  # adapters and connector moved, nothing else
 
 
 def test_slowfast_generation_runs_with_matching_placeholders(core_model, clips, tmp_path, caplog):
     slowfast = SlowFastSpec(slow_frames=2, fast_grid=1)
     module = MM15VideoModule(pretrained=core_model, mode="training_free", generation=GenerationSpec(max_new_tokens=2),
                              preprocessing=video_preprocessing(frames=6, slowfast=slowfast))
-    with caplog.at_level(logging.ERROR):
+    with caplog.at_level(logging.WARNING):
         trainer(tmp_path).test(module, data(clips), verbose=False)
     records = (tmp_path / "test_predictions.jsonl").read_text().splitlines()
     assert len(records) == 6  # no sample skipped: 2 x 4 slow + 6 x 1 fast placeholders = features
+    skips = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped ")]
+    assert not skips and not (tmp_path / "quarantine.jsonl").exists(), skips  # nothing quarantined
     (layout,) = json.loads(records[0])["media"]
     assert layout["kind"] == "video" and layout["crops"] == 6 and layout["placeholders"] == [2 * 4, 6 * 1]
     assert layout["backend"] == "decord" and len(layout["frame_indices"]) == 6 and layout["grid"] is None

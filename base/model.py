@@ -121,10 +121,19 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     return tok
 
 
+def safetensors_kwargs(name_or_path: str) -> dict[str, Any]:
+    """`use_safetensors=True` for a local part directory with safetensors weights (every `save_pretrained`
+    writes them): its weights never come from a pickle, even one placed beside them. transformers 5
+    prefers safetensors by default too; forcing it everywhere would break hub parts and older
+    directories that have only `pytorch_model.bin` (read with `torch.load(weights_only=True)`)."""
+    local = Path(name_or_path)
+    return {"use_safetensors": True} if local.is_dir() and any(local.glob("*.safetensors*")) else {}
+
+
 def _load_vision(spec: VisionSpec) -> nn.Module:
     cfg = vision_config(spec)
     if spec.name_or_path:
-        return AutoModel.from_pretrained(spec.name_or_path, config=cfg)
+        return AutoModel.from_pretrained(spec.name_or_path, config=cfg, **safetensors_kwargs(spec.name_or_path))
     return AutoModel.from_config(cfg)
 
 
@@ -163,6 +172,7 @@ def _load_llm(spec: LLMSpec, llm_kwargs: dict[str, Any] | None = None) -> nn.Mod
     """`llm_kwargs` go to `from_pretrained` (e.g. `quantization_config` for QLoRA)."""
     kwargs = {"attn_implementation": spec.attn_implementation}
     if spec.name_or_path:
+        kwargs.update(safetensors_kwargs(spec.name_or_path))
         return AutoModelForCausalLM.from_pretrained(spec.name_or_path, **kwargs, **(llm_kwargs or {}))
     if llm_kwargs:
         raise ValueError(f"{sorted(llm_kwargs)} need a pretrained LLM (`llm.name_or_path`), not a config")

@@ -8,6 +8,8 @@
   directories: `swap_in_directory` writes a fresh directory and atomically re-points a symlink.
 * Refusing: `run_signature` records the model spec, adapters, freezing and the trainable set;
   `check_compatible` names what changed when a resumed or tested config does not match.
+* Safe to read: `load_checkpoint_file` unpickles tensors, plain values and mm15's own spec
+  dataclasses only (`torch.load(weights_only=True)`); a checkpoint pickling anything else is refused.
 
 Enable the atomic writer in YAML (`configs/base/align.yaml` and `sft_lora.yaml` do):
 
@@ -18,6 +20,7 @@ Enable the atomic writer in YAML (`configs/base/align.yaml` and `sft_lora.yaml` 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import shutil
 from dataclasses import asdict, is_dataclass
@@ -66,6 +69,40 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# ----- reading without running pickled code -------------------------------------------------------
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file pickles objects other than tensors, plain values and mm15 spec dataclasses."""
+
+
+def spec_type(qualified_name: str) -> type | None:
+    """The class `mm15.<module>.<Name>` when it is one of our dataclasses (ModelSpec, LoraSpec, ...),
+    else None. Only `mm15.` modules are imported."""
+    module, _, name = qualified_name.rpartition(".")
+    if not module.startswith("mm15."):
+        return None
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+    return cls if isinstance(cls, type) and is_dataclass(cls) else None
+
+
+def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> Any:
+    """`torch.load(path, weights_only=True)`, also accepting our spec dataclasses: the hyper-parameters
+    of a module built in Python (not through the CLI, which saves plain dicts) hold them. Any other
+    pickled global (a function, a foreign class) is refused with its name before anything is unpickled."""
+    needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    ours = {name: spec_type(name) for name in needed}
+    foreign = sorted(name for name, cls in ours.items() if cls is None)
+    if foreign:
+        raise UnsafeCheckpointError(
+            f"{path} pickles {', '.join(foreign)}: not tensors, plain values or mm15 spec dataclasses, so loading "
+            "it could run code; refusing. Load only checkpoints written by mm15 runs."
+        )
+    with torch.serialization.safe_globals(list(ours.values())):
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 # ----- sharded checkpoint directories --------------------------------------------------------------

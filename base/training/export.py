@@ -16,7 +16,9 @@ Writes (under `--output`):
   weights; `merged/llm` is a plain transformers checkpoint.
 
 Checkpoints are single files or FSDP2 sharded directories (consolidated here on CPU). They are
-loaded with `weights_only=False`: they pickle the run's config, so export only checkpoints you made.
+loaded with `weights_only=True` (`checkpointing.load_checkpoint_file`: tensors, plain values and
+mm15's spec dataclasses), and only mm15 LightningModule classes are built from them: a checkpoint
+that pickles anything else, or names another module class, is refused.
 """
 
 from __future__ import annotations
@@ -31,10 +33,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import save_file
 
 from mm15.base.training.adapters import ADAPTER_META, is_peft, weight_fingerprint
+from mm15.base.training.checkpointing import load_checkpoint_file
 from mm15.base.module import MM15Module
 
 
@@ -44,29 +46,44 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
     if not path.is_dir():
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return load_checkpoint_file(path)
     from lightning_fabric.utilities.load import _METADATA_FILENAME
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    checkpoint = torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=False)
+    checkpoint = load_checkpoint_file(path / _METADATA_FILENAME)
     with tempfile.TemporaryDirectory() as tmp:
         dcp_to_torch_save(path, Path(tmp) / "full.pt")
-        shards = torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=False)
+        shards = load_checkpoint_file(Path(tmp) / "full.pt")
     checkpoint["state_dict"] = shards["state_dict"]
     return checkpoint
+
+
+def module_class(name: str) -> type[MM15Module]:
+    """The LightningModule class a checkpoint names, imported only when it is one of mm15's own."""
+    module_path, _, cls_name = name.rpartition(".")
+    if not module_path.startswith("mm15."):
+        raise ValueError(f"the checkpoint names module class {name!r}, which is not an mm15 class: refusing to "
+                         "import it (export builds only mm15.* LightningModules)")
+    cls = getattr(importlib.import_module(module_path), cls_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, MM15Module)):
+        raise ValueError(f"the checkpoint names module class {name!r}: {name!r} is not an MM15Module subclass")
+    return cls
 
 
 def module_from_checkpoint(checkpoint: dict[str, Any]) -> MM15Module:
     """Rebuild the LightningModule (its own class, its own init arguments) and load the weights."""
     hparams = dict(checkpoint.get("hyper_parameters", {}))
     hparams.pop("_instantiator", None)
+    # Export neither trains nor resolves optimizer or scheduler class paths (the module never saves them).
+    for key in ("optimizer", "scheduler"):
+        hparams.pop(key, None)
     if "_class_path" in hparams:  # written through LightningCLI: a config dict, parsed as the CLI does
         from pytorch_lightning.cli import instantiate_module
 
+        module_class(hparams["_class_path"])
         module = instantiate_module(MM15Module, hparams)
     else:
-        module_path, name = checkpoint.get("mm15_module_class", "mm15.base.module.MM15Module").rsplit(".", 1)
-        cls = getattr(importlib.import_module(module_path), name)
+        cls = module_class(checkpoint.get("mm15_module_class", "mm15.base.module.MM15Module"))
         accepted = inspect.signature(cls.__init__).parameters
         module = cls(**{k: v for k, v in hparams.items() if k in accepted})
     module.configure_model()

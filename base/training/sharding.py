@@ -28,7 +28,8 @@ from pytorch_lightning.strategies import ModelParallelStrategy
 from torch import nn
 
 from mm15.base.training.adapters import base_of
-from mm15.base.training.checkpointing import fresh_directory_for, frozen_parameter_names, remove_checkpoint_path, swap_in_directory
+from mm15.base.training.checkpointing import fresh_directory_for, frozen_parameter_names, load_checkpoint_file
+from mm15.base.training.checkpointing import remove_checkpoint_path, swap_in_directory
 
 
 def transformer_blocks(module: nn.Module) -> list[nn.Module]:
@@ -148,7 +149,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict)
 
-        metadata = torch.load(path / _METADATA_FILENAME, weights_only=False)  # our own run's metadata
+        metadata = load_checkpoint_file(path / _METADATA_FILENAME)  # refuses pickled code
         module = self.lightning_module
         if hasattr(module, "check_checkpoint"):
             module.check_checkpoint(metadata, str(path))  # a clear message before any shape error

@@ -1,6 +1,8 @@
 """Support code for the scale-out tests, importable by the `mm15 fit` subprocesses (PYTHONPATH=tests).
 
 * `LossRecorder`: every rank appends one JSON line per micro-batch (step, loss, crops, sample ids).
+* `ParameterRecorder`: rank 0 saves the trainable parameters (gathered from FSDP2 shards) after the
+  last update, to compare runs weight for weight.
 * `DyingCheckpointIO`: the atomic writer that SIGKILLs its own process half-way through the N-th
   checkpoint write, the worst moment for a crash.
 * `tiny_run_config`: a complete `mm15 fit` config of a tiny LoRA model on mixed image and text-only
@@ -38,6 +40,28 @@ class LossRecorder(pl.Callback):
                "crops": int(batch["pixel_values"].shape[0]), "ids": list(batch["ids"])}
         with open(f"{self.path}.rank{trainer.global_rank}.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+class ParameterRecorder(pl.Callback):
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        import torch
+
+        params = {}
+        for name, p in pl_module.named_parameters():
+            if p.requires_grad:  # every rank gathers every shard, in the same order
+                full = p.full_tensor() if hasattr(p, "full_tensor") else p
+                params[name] = full.detach().cpu().clone()
+        if trainer.is_global_zero:
+            torch.save(params, self.path)
+
+
+def read_parameters(path: Path) -> dict[str, Any]:
+    import torch
+
+    return torch.load(path, weights_only=True)
 
 
 class DyingCheckpointIO(AtomicCheckpointIO):
@@ -78,8 +102,15 @@ def write_text_only(path: Path, n: int) -> None:
             f.write(json.dumps({"id": f"text-{i}", "turns": turns, "media": [], "task": "count"}) + "\n")
 
 
+ADAMW = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01, "weight_decay": 0.0}}
+# Plain SGD: unlike AdamW and Muon its step scales with the gradient, so a gradient reduced with the
+# wrong scale (summed over ranks instead of averaged) shows in the weights and the losses.
+SGD = {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.5, "weight_decay": 0.0}}
+
+
 def tiny_run_config(run_dir: Path, data_dir: Path, max_steps: int = 6, every_n_steps: int = 2,
-                    plugins: list[Any] | None = None, lora: bool = True) -> dict[str, Any]:
+                    plugins: list[Any] | None = None, lora: bool = True,
+                    optimizer: dict[str, Any] | None = None) -> dict[str, Any]:
     model_args: dict[str, Any] = {
         "model": {
             "vision": {"config": dict(TINY_VISION)},
@@ -88,7 +119,7 @@ def tiny_run_config(run_dir: Path, data_dir: Path, max_steps: int = 6, every_n_s
             "tokenizer": "tiny",
         },
         "preprocessing": {"split": {"crop_size": 32, "grid_min": 1, "grid_max": 2}, "max_length": 512},
-        "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01, "weight_decay": 0.0}},
+        "optimizer": optimizer or ADAMW,
         "scheduler": {"class_path": "mm15.base.training.optim.WarmupCosine", "init_args": {"warmup_steps": 1}},
         "freeze": {"vision": True, "connector": False, "llm": False},
     }
@@ -105,6 +136,7 @@ def tiny_run_config(run_dir: Path, data_dir: Path, max_steps: int = 6, every_n_s
                  "init_args": {"dirpath": str(run_dir / "checkpoints"), "every_n_train_steps": every_n_steps,
                                "save_last": True, "save_top_k": 0}},
                 {"class_path": "scaleout_support.LossRecorder", "init_args": {"path": str(run_dir / "losses")}},
+                {"class_path": "scaleout_support.ParameterRecorder", "init_args": {"path": str(run_dir / "params.pt")}},
             ],
         },
         "model": {"class_path": "mm15.base.module.MM15Module", "init_args": model_args},

@@ -2,7 +2,9 @@
 
 * 1 process with gradient accumulation 2 (in this process: the reference),
 * 2 processes with DDP and with FSDP2 (gloo), launched as users launch them (`mm15 fit ... --config
-  configs/strategies/<strategy>.yaml`): same samples per step, losses equal to the reference,
+  configs/strategies/<strategy>.yaml`): same samples per step, losses and final weights equal to the
+  reference, with AdamW and with SGD (AdamW's and Muon's steps do not change when every gradient is
+  scaled by a constant, SGD's do: a gradient summed over ranks instead of averaged fails only there),
 * a run SIGKILLed half-way through writing a checkpoint, then resumed with `--ckpt_path last`: the
   resumed run reads no sample twice and reproduces the reference loss curve,
 * `mm15 export` of the reference: the adapter loads with plain PEFT in a process without mm15, and
@@ -24,7 +26,8 @@ from mm15.base.cli import MM15CLI
 from mm15.base.module import MM15Module
 from mm15.data_builders.synthetic_shapes import SyntheticShapesSource
 
-from scaleout_support import ROOT, read_losses, run_cli, tiny_run_config, write_config, write_text_only
+from scaleout_support import ROOT, SGD, read_losses, read_parameters, run_cli, tiny_run_config, write_config
+from scaleout_support import write_text_only
 
 STRATEGIES = ROOT / "configs" / "strategies"
 CPU_TWO = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "32-true"]
@@ -38,28 +41,40 @@ def data_dir(tmp_path_factory):
     return d
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, data_dir):
-    """The uninterrupted 1-process run (6 steps, accumulation 2, checkpoints every 2 steps)."""
-    run = tmp_path_factory.mktemp("reference")
-    config = write_config(run / "fit.yaml", tiny_run_config(run, data_dir,
-                                                            plugins=["mm15.base.training.checkpointing.AtomicCheckpointIO"]))
+def _one_process_run(run: Path, data_dir: Path, *extra: str, optimizer: dict | None = None) -> dict:
+    """An uninterrupted 1-process run in this process (6 steps, accumulation 2, checkpoints every 2 steps)."""
+    config = write_config(run / "fit.yaml", tiny_run_config(
+        run, data_dir, plugins=["mm15.base.training.checkpointing.AtomicCheckpointIO"], optimizer=optimizer))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the subprocesses, so float results can be compared exactly
     try:
         cli = MM15CLI(MM15Module, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                      auto_configure_optimizers=False, args=["fit", "--config", str(config)])
+                      auto_configure_optimizers=False, args=["fit", "--config", str(config), *extra])
     finally:
         torch.set_num_threads(threads)
-    return {"dir": run, "losses": read_losses(run / "losses"), "module": cli.model}
+    return {"dir": run, "losses": read_losses(run / "losses"), "module": cli.model,
+            "params": read_parameters(run / "params.pt")}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir):
+    """The 1-process AdamW run."""
+    return _one_process_run(tmp_path_factory.mktemp("reference"), data_dir)
+
+
+@pytest.fixture(scope="module")
+def sgd_reference(tmp_path_factory, data_dir):
+    """The 1-process SGD run."""
+    return _one_process_run(tmp_path_factory.mktemp("sgd_reference"), data_dir, optimizer=SGD)
 
 
 def _check_run(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
-def _two_process_run(strategy: str, tmp_path: Path, data_dir: Path, *extra: str) -> list[dict]:
-    config = write_config(tmp_path / "fit.yaml", tiny_run_config(tmp_path, data_dir))
+def _two_process_run(strategy: str, tmp_path: Path, data_dir: Path, *extra: str, optimizer: dict | None = None
+                     ) -> list[dict]:
+    config = write_config(tmp_path / "fit.yaml", tiny_run_config(tmp_path, data_dir, optimizer=optimizer))
     args = ["fit", "--config", str(config), "--config", str(STRATEGIES / strategy), *CPU_TWO, *extra]
     _check_run(run_cli(args, tmp_path))
     return read_losses(tmp_path / "losses")
@@ -83,14 +98,35 @@ def _compare_to_reference(rows: list[dict], reference: dict) -> float:
     return worst
 
 
-def test_ddp_two_processes_match_one_process(reference, data_dir, tmp_path):
-    _compare_to_reference(_two_process_run("ddp.yaml", tmp_path, data_dir), reference)
+def _compare_parameters(run: Path, reference: dict) -> float:
+    """The trainable weights after the last update (rank 0's, gathered from the shards) against the 1-process run."""
+    params, expected = read_parameters(run / "params.pt"), reference["params"]
+    assert params.keys() == expected.keys() and params
+    worst = max(float((params[k] - expected[k]).abs().max()) for k in params)
+    print(f"max |weight - 1-process weight| = {worst:.2e} over {len(params)} trainable tensors")
+    assert worst < 1e-4, worst
+    return worst
 
 
-def test_fsdp2_two_processes_match_one_process(reference, data_dir, tmp_path):
-    """Also with activation checkpointing: recomputation changes no number."""
-    rows = _two_process_run("fsdp2.yaml", tmp_path, data_dir, "--model.init_args.activation_checkpointing", "true")
+OPTIMIZERS = {"adamw": "reference", "sgd": "sgd_reference"}
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_ddp_two_processes_match_one_process(optimizer, request, data_dir, tmp_path):
+    reference = request.getfixturevalue(OPTIMIZERS[optimizer])
+    rows = _two_process_run("ddp.yaml", tmp_path, data_dir, optimizer=SGD if optimizer == "sgd" else None)
     _compare_to_reference(rows, reference)
+    _compare_parameters(tmp_path, reference)
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_fsdp2_two_processes_match_one_process(optimizer, request, data_dir, tmp_path):
+    """Also with activation checkpointing: recomputation changes no number."""
+    reference = request.getfixturevalue(OPTIMIZERS[optimizer])
+    rows = _two_process_run("fsdp2.yaml", tmp_path, data_dir, "--model.init_args.activation_checkpointing", "true",
+                            optimizer=SGD if optimizer == "sgd" else None)
+    _compare_to_reference(rows, reference)
+    _compare_parameters(tmp_path, reference)
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert last.is_symlink() and last.is_dir()  # one shard per rank, swapped in atomically
     from torch.distributed.checkpoint import FileSystemReader
@@ -114,18 +150,11 @@ def test_fsdp2_with_muon_matches_one_process(reference, data_dir, tmp_path):
     steps as in one process: Muon on the LoRA matrices and the connector's readout, AdamW on the rest."""
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
-    config = write_config(one / "fit.yaml", tiny_run_config(one, data_dir))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        MM15CLI(MM15Module, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                auto_configure_optimizers=False, args=["fit", "--config", str(config), *MUON])
-    finally:
-        torch.set_num_threads(threads)
-    muon = {"losses": read_losses(one / "losses")}
+    muon = _one_process_run(one, data_dir, *MUON)
     assert [r["ids"] for r in muon["losses"]] == [r["ids"] for r in reference["losses"]]
     assert muon["losses"][-1]["loss"] != reference["losses"][-1]["loss"]  # not AdamW's steps
     _compare_to_reference(_two_process_run("fsdp2.yaml", two, data_dir, *MUON), muon)
+    _compare_parameters(two, muon)
 
 
 def test_kill_while_writing_checkpoint_then_resume_reproduces_the_curve(reference, data_dir, tmp_path):

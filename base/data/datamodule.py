@@ -99,17 +99,30 @@ def resolve_media(sample: Sample, root: str | None) -> Sample:
 
 
 class ProcessedDataset(Dataset):
-    """Samples processed on access (in loader workers); failures become `Skip`s."""
+    """Samples processed on access (in loader workers); failures become `Skip`s.
 
-    def __init__(self, samples: list[Sample], processor: MM15Processor, generate: bool):
+    `cache=True` keeps each processed sample (tensors or `Skip`) after its first access, in the
+    process that made it: later epochs skip decoding, splitting and templating. The processor is
+    deterministic per sample (the referring draw is seeded by the sample id), so a cached epoch is the
+    same as a recomputed one. For data that fits in memory (the demos); off by default."""
+
+    def __init__(self, samples: list[Sample], processor: MM15Processor, generate: bool, cache: bool = False):
         self.samples = samples
         self.processor = processor
         self.generate = generate
+        self.cache: dict[int, dict[str, Any] | Skip] | None = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> dict[str, Any] | Skip:
+        if self.cache is None:
+            return self.process(i)
+        if i not in self.cache:
+            self.cache[i] = self.process(i)
+        return self.cache[i]
+
+    def process(self, i: int) -> dict[str, Any] | Skip:
         sample = self.samples[i]
         try:
             return self.processor(sample, generate=self.generate)
@@ -130,13 +143,16 @@ class MM15DataModule(pl.LightningDataModule):
     seed: shuffling seed of the training order (`mm15.base.training.resumable.ResumableSampler`).
     global_batch_size: samples per optimizer step over all processes; sets the trainer's gradient
         accumulation to `global_batch_size / (batch_size * world_size)` (None: keep the trainer's).
+    cache_processed: keep processed samples in memory after their first epoch (`ProcessedDataset`;
+        for data that fits in RAM).
     """
 
     def __init__(self, train: list[SampleSource] | None = None, val: list[SampleSource] | None = None,
                  test: list[SampleSource] | None = None, predict: list[SampleSource] | None = None,
                  media_root: str | None = None, batch_size: int = 8, eval_batch_size: int | None = None,
                  num_workers: int = 0, max_error_fraction: float = 0.05, min_samples_for_budget: int = 20,
-                 quarantine_file: str | None = None, seed: int = 0, global_batch_size: int | None = None):
+                 quarantine_file: str | None = None, seed: int = 0, global_batch_size: int | None = None,
+                 cache_processed: bool = False):
         super().__init__()
         self.sources = {"train": train or [], "val": val or [], "test": test or [], "predict": predict or []}
         self.media_root = media_root
@@ -145,6 +161,7 @@ class MM15DataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.global_batch_size = global_batch_size
+        self.cache_processed = cache_processed
         self.train_sampler: ResumableSampler | None = None
         self.quarantine = Quarantine(quarantine_file, max_error_fraction, min_samples_for_budget)
         self.samples: dict[str, list[Sample]] = {}
@@ -196,7 +213,7 @@ class MM15DataModule(pl.LightningDataModule):
     def _dataset(self, split: str, generate: bool) -> ProcessedDataset:
         if self.processor is None:
             raise RuntimeError("the data module needs a processor: run it through a Trainer with an MM15Module")
-        return ProcessedDataset(self.samples[split], self.processor, generate)
+        return ProcessedDataset(self.samples[split], self.processor, generate, cache=self.cache_processed)
 
     def _loader(self, split: str, shuffle: bool, generate: bool) -> DataLoader:
         dataset = self._dataset(split, generate)

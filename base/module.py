@@ -46,6 +46,7 @@ from mm15.base.connector import tokens_per_crop
 from mm15.base.metrics import exact_match_by_task, format_table
 from mm15.base.model import MM15Model, ModelSpec, load_tokenizer, read_saved_spec, vision_config
 from mm15.base.data.processor import MM15Processor, PreprocessSpec
+from mm15.base.data.sample import IGNORE_INDEX
 from mm15.base.specs import diff_specs, from_dict
 
 log = logging.getLogger(__name__)
@@ -236,9 +237,19 @@ class MM15Module(pl.LightningModule):
         blank = self.processor.normalize(torch.zeros(1, 3, r, r, dtype=torch.uint8, device=self.device))
         return self.model.encode_media(blank)[:0]
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+    def keepalive_batch(self) -> dict[str, Any]:
+        """One padding token without a target: the stand-in for a batch whose samples were all skipped."""
+        ids = torch.full((1, 1), self.processor.tokenizer.pad_token_id, dtype=torch.long, device=self.device)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.full_like(ids, IGNORE_INDEX),
+                "size": 0}
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         if not batch.get("size"):
-            return None  # every sample of this batch was skipped (recorded in the quarantine)
+            # Every sample was skipped (see the quarantine), but the other ranks all-reduce gradients
+            # (DDP) and gather shards (FSDP2) now: the same modules run on a one-token batch (text only,
+            # so with the media keep-alive), and its loss times zero gives every gradient a zero.
+            self._log_throughput(0)
+            return self(self.keepalive_batch()).loss * 0.0
         out = self(batch)
         n = batch["size"]
         self.log("train/loss", out.loss, prog_bar=True, batch_size=n)
@@ -256,8 +267,11 @@ class MM15Module(pl.LightningModule):
             self.log(f"train/lr_{group.get('name', 'all')}", group["lr"], batch_size=1)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        if batch.get("size"):
-            self.log("val/loss", self(batch).loss, prog_bar=True, batch_size=batch["size"], sync_dist=True)
+        # A batch whose samples were all skipped still runs (FSDP2 gathers shards in every forward) and
+        # logs with weight 0, so every rank reduces `val/loss` and the mean is over real samples only.
+        n = batch.get("size") or 0
+        loss = self(batch).loss if n else self(self.keepalive_batch()).loss * 0.0
+        self.log("val/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
 
     def generate(self, batch: dict[str, Any]) -> list[str]:
         tok = self.processor.tokenizer

@@ -3,6 +3,9 @@
 * `LossRecorder`: every rank appends one JSON line per micro-batch (step, loss, crops, sample ids).
 * `ParameterRecorder`: rank 0 saves the trainable parameters (gathered from FSDP2 shards) after the
   last update, to compare runs weight for weight.
+* `MetricRecorder`, `ExceptionRecorder`: every rank writes the synced `val/loss`, or the exception
+  that stopped it, to compare ranks.
+* `FewerNewTokensOnRank`: one rank decodes fewer tokens, as a rank whose answers all end early.
 * `DyingCheckpointIO`: the atomic writer that SIGKILLs its own process half-way through the N-th
   checkpoint write, the worst moment for a crash.
 * `tiny_run_config`: a complete `mm15 fit` config of a tiny LoRA model on mixed image and text-only
@@ -11,12 +14,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import faulthandler
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -35,9 +40,10 @@ class LossRecorder(pl.Callback):
         self.path = path
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        loss = float(outputs["loss"]) * trainer.accumulate_grad_batches  # Lightning divides by accumulation
+        loss = float(outputs["loss"]) * trainer.accumulate_grad_batches if outputs else None  # Lightning divides by accumulation
+        crops = batch["pixel_values"].shape[0] if "pixel_values" in batch else 0  # none: every sample skipped
         row = {"step": trainer.global_step, "rank": trainer.global_rank, "loss": loss, "world": trainer.world_size,
-               "crops": int(batch["pixel_values"].shape[0]), "ids": list(batch["ids"])}
+               "crops": int(crops), "ids": list(batch.get("ids", []))}
         with open(f"{self.path}.rank{trainer.global_rank}.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -62,6 +68,46 @@ def read_parameters(path: Path) -> dict[str, Any]:
     import torch
 
     return torch.load(path, weights_only=True)
+
+
+class MetricRecorder(pl.Callback):
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        with open(f"{self.path}.rank{trainer.global_rank}.jsonl", "a") as f:
+            f.write(json.dumps({"step": trainer.global_step, **metrics}) + "\n")
+
+
+class ExceptionRecorder(pl.Callback):
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: Any, exception: BaseException) -> None:
+        row = {"rank": trainer.global_rank, "type": type(exception).__name__, "message": str(exception)}
+        Path(f"{self.path}.rank{trainer.global_rank}.json").write_text(json.dumps(row))
+
+
+class FewerNewTokensOnRank(pl.Callback):
+    """Rank `rank` generates at most `max_new_tokens`: its decoding loop ends before the others'."""
+
+    def __init__(self, rank: int = 1, max_new_tokens: int = 1):
+        self.rank, self.max_new_tokens = rank, max_new_tokens
+
+    def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
+        if trainer.global_rank == self.rank:
+            pl_module.generation = dataclasses.replace(pl_module.generation, max_new_tokens=self.max_new_tokens)
+
+
+def read_rank_files(prefix: Path, suffix: str) -> dict[int, Any]:
+    """{rank: content} of `<prefix>.rank<r><suffix>` (JSON, or JSON lines for `.jsonl`)."""
+    out = {}
+    for path in sorted(prefix.parent.glob(f"{prefix.name}.rank*{suffix}")):
+        rank = int(path.name[len(prefix.name) + len(".rank"):-len(suffix)])
+        text = path.read_text()
+        out[rank] = [json.loads(line) for line in text.splitlines()] if suffix == ".jsonl" else json.loads(text)
+    return out
 
 
 class DyingCheckpointIO(AtomicCheckpointIO):
@@ -156,9 +202,29 @@ def write_config(path: Path, config: dict[str, Any], command: str = "mm15 fit --
     return path
 
 
+class RunHung(AssertionError):
+    """A run outlived its timeout: some rank waits in a collective another rank never reaches."""
+
+
 def run_cli(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
-    """`python -m mm15.base.cli ...` in a fresh process, tests/ importable for the callbacks above."""
+    """`python -m mm15.base.cli ...` in a fresh process, tests/ importable for the callbacks above.
+
+    The run gets its own process group (rank 0 and the ranks Lightning starts): past `timeout` every
+    rank prints its stack (SIGUSR1, registered above), all are killed, and `RunHung` carries the stacks."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "mm15.base.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    command = [sys.executable, "-m", "mm15.base.cli", *args]
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for sig in (signal.SIGUSR1, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:  # every process of the group already gone
+                pass
+            time.sleep(3 if sig == signal.SIGUSR1 else 0)
+        out, err = proc.communicate()
+        raise RunHung(f"`mm15 {args[0]}` still running after {timeout} s; stacks of its processes:\n{err[-8000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)

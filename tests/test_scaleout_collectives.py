@@ -1,0 +1,138 @@
+"""Two processes (gloo) take the same collective steps when their batches differ, so no run hangs:
+
+* a rank whose training or validation batch had every sample skipped (missing image files) still
+  runs its step, under DDP and FSDP2: losses, final weights and the synced `val/loss` equal the
+  1-process run on the same data, where those samples are skipped too.
+
+A hang fails the test after `HANG_TIMEOUT` seconds (`scaleout_support.run_cli` kills every rank
+and reports where each waited).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from pytorch_lightning import LightningDataModule
+
+from mm15.base.cli import MM15CLI
+from mm15.base.data.sample import Media, Sample, Turn
+from mm15.base.data.sources import write_jsonl
+from mm15.base.module import MM15Module
+from mm15.base.training.resumable import ResumableSampler
+from mm15.data_builders.synthetic_shapes import SyntheticShapesSource
+
+from scaleout_support import ROOT, SGD, read_losses, read_parameters, read_rank_files, run_cli, tiny_run_config
+from scaleout_support import write_config
+
+STRATEGIES = ROOT / "configs" / "strategies"
+CPU_TWO = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "32-true"]
+HANG_TIMEOUT = 150  # a healthy 2-process run here takes ~20 s
+RECORDER = "scaleout_support.{}"
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> tuple[Path, list[Sample]]:
+    """8 shape images; JSONL files written beside them resolve their relative paths."""
+    root = tmp_path_factory.mktemp("collectives") / "shapes"
+    samples = list(SyntheticShapesSource(str(root), "train", 8, min_side=24, max_side=56).prepare().read())
+    return root, samples
+
+
+def missing_image(sample: Sample) -> Sample:
+    return dataclasses.replace(sample, id=f"bad-{sample.id}", media=[Media(f"train/missing-{sample.id}.png")])
+
+
+def text_only(sample: Sample) -> Sample:
+    return Sample(f"text-{sample.id}", [Turn("user", "Count to 3."), Turn("assistant", "1 2 3")], [], task="count")
+
+
+def training_order(n: int, rank: int) -> list[int]:
+    """The samples rank `rank` of 2 trains on, micro-batch after micro-batch (batch size 2, seed 0)."""
+    return list(ResumableSampler(list(range(n)), micro_batch=2, num_replicas=2, rank=rank, seed=0))
+
+
+def fit_config(run: Path, root: Path, train: list[Sample], val: list[Sample], **data: Any) -> dict[str, Any]:
+    """2 SGD steps on `train` (batch 2, global batch 4), then validation on `val`, no checkpoints."""
+    write_jsonl(train, root / f"{run.name}-train.jsonl")
+    write_jsonl(val, root / f"{run.name}-val.jsonl")
+    config = tiny_run_config(run, root.parent, max_steps=2, optimizer=SGD)
+    config["model"]["init_args"]["model"]["llm"]["loss_reduction"] = "sample"  # val/loss: a mean over samples
+    trainer = config["trainer"]
+    trainer.update(limit_val_batches=1.0, enable_checkpointing=False)
+    trainer["callbacks"] = [c for c in trainer["callbacks"] if "ModelCheckpoint" not in c["class_path"]] + [
+        {"class_path": RECORDER.format(name), "init_args": {"path": str(run / stem)}}
+        for name, stem in (("MetricRecorder", "metrics"), ("ExceptionRecorder", "exception"))]
+    source = "mm15.base.data.sources.JsonlSource"
+    config["data"]["init_args"].update(
+        train=[{"class_path": source, "init_args": {"path": str(root / f"{run.name}-train.jsonl")}}],
+        val=[{"class_path": source, "init_args": {"path": str(root / f"{run.name}-val.jsonl")}}],
+        **{"max_error_fraction": 1.0, **data})
+    return config
+
+
+def one_process(run: Path, config: dict[str, Any]) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the subprocesses, so float results can be compared exactly
+    try:
+        MM15CLI(MM15Module, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                auto_configure_optimizers=False, args=["fit", "--config", str(write_config(run / "fit.yaml", config))])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def two_processes(command: str, run: Path, config: dict[str, Any], strategy: str, *extra: str):
+    path = write_config(run / f"{command}.yaml", config, f"mm15 {command} --config <this file>")
+    return run_cli([command, "--config", str(path), "--config", str(STRATEGIES / strategy), *CPU_TWO, *extra], run,
+                   timeout=HANG_TIMEOUT)
+
+
+def failure(proc: Any, run: Path) -> str:
+    """What stopped each rank (`ExceptionRecorder`), then the end of the output."""
+    return f"{read_rank_files(run / 'exception', '.json')}\n{proc.stderr[-4000:]}"
+
+
+# ----- a batch whose samples were all skipped --------------------------------------------------------
+@pytest.fixture(scope="module")
+def skipped_on_rank_1(shapes, tmp_path_factory):
+    """Training data whose first micro-batch on rank 1 (of 2) is all missing images, validation data
+    whose only batch on rank 1 is too; and the 1-process run on it (the reference)."""
+    root, samples = shapes
+    train = list(samples)
+    for i in training_order(8, rank=1)[:2]:
+        train[i] = missing_image(train[i])
+    val = [samples[0], missing_image(samples[1]), samples[2], missing_image(samples[3])]  # rank r gets r, r + 2
+    run = tmp_path_factory.mktemp("one_process")
+    one_process(run, fit_config(run, root, train, val))
+    return {"root": root, "train": train, "val": val, "run": run}
+
+
+@pytest.mark.parametrize("strategy", ["ddp.yaml", "fsdp2.yaml"])
+def test_rank_with_an_all_skipped_batch_keeps_step(strategy, skipped_on_rank_1, tmp_path):
+    ref = skipped_on_rank_1
+    run = tmp_path / "two"
+    run.mkdir()
+    proc = two_processes("fit", run, fit_config(run, ref["root"], ref["train"], ref["val"]), strategy)
+    assert proc.returncode == 0, failure(proc, run)
+
+    rows, expected = read_losses(run / "losses"), read_losses(ref["run"] / "losses")
+    by_rank = [[r for r in rows if r["rank"] == rank] for rank in (0, 1)]
+    assert by_rank[1][0]["ids"] == [] and len(by_rank[0]) == len(by_rank[1]) == 2  # the empty batch took its step
+    for k, pair in enumerate(zip(*by_rank)):
+        for rank, row in enumerate(pair):
+            reference = expected[2 * k + rank]
+            assert row["ids"] == reference["ids"]
+            if row["ids"]:
+                assert abs(row["loss"] - reference["loss"]) < 1e-5, (k, rank, row, reference)
+
+    params, reference = read_parameters(run / "params.pt"), read_parameters(ref["run"] / "params.pt")
+    worst = max(float((params[k] - reference[k]).abs().max()) for k in reference)
+    assert worst < 1e-5, f"weights after the last SGD step differ from one process's by {worst:.2e}"
+
+    metrics = read_rank_files(run / "metrics", ".jsonl")
+    one = read_rank_files(ref["run"] / "metrics", ".jsonl")[0][-1]["val/loss"]
+    assert sorted(metrics) == [0, 1] and metrics[0][-1]["val/loss"] == metrics[1][-1]["val/loss"]
+    assert abs(metrics[0][-1]["val/loss"] - one) < 1e-5, (metrics, one)  # rank 1's empty batch weighs nothing

@@ -2,7 +2,9 @@
 
 * a rank whose training or validation batch had every sample skipped (missing image files) still
   runs its step, under DDP and FSDP2: losses, final weights and the synced `val/loss` equal the
-  1-process run on the same data, where those samples are skipped too.
+  1-process run on the same data, where those samples are skipped too;
+* bad data on one rank only spends the error budget of the whole run: both ranks stop with the
+  same `DataErrorBudgetExceeded` and one summary.
 
 A hang fails the test after `HANG_TIMEOUT` seconds (`scaleout_support.run_cli` kills every rank
 and reports where each waited).
@@ -136,3 +138,22 @@ def test_rank_with_an_all_skipped_batch_keeps_step(strategy, skipped_on_rank_1, 
     one = read_rank_files(ref["run"] / "metrics", ".jsonl")[0][-1]["val/loss"]
     assert sorted(metrics) == [0, 1] and metrics[0][-1]["val/loss"] == metrics[1][-1]["val/loss"]
     assert abs(metrics[0][-1]["val/loss"] - one) < 1e-5, (metrics, one)  # rank 1's empty batch weighs nothing
+
+
+# ----- the error budget ----------------------------------------------------------------------------
+def test_bad_data_on_one_rank_stops_both_with_one_summary(shapes, tmp_path):
+    root, samples = shapes
+    train = list(samples)
+    for i in training_order(8, rank=1):
+        train[i] = missing_image(train[i])  # every sample rank 1 reads; rank 0's are fine
+    run = tmp_path / "budget"
+    run.mkdir()
+    config = fit_config(run, root, train, samples[:2], max_error_fraction=0.1, min_samples_for_budget=4)
+    proc = two_processes("fit", run, config, "ddp.yaml")
+    assert proc.returncode != 0
+    stopped = read_rank_files(run / "exception", ".json")
+    assert sorted(stopped) == [0, 1], (stopped, proc.stderr[-4000:])
+    assert {row["type"] for row in stopped.values()} == {"DataErrorBudgetExceeded"}, stopped
+    assert stopped[0]["message"] == stopped[1]["message"]  # one summary, counted over both ranks
+    assert "image file not found" in stopped[0]["message"]  # rank 0 saw no bad sample itself
+    assert read_losses(run / "losses") == []  # the very first batch spent the budget

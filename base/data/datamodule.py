@@ -39,7 +39,12 @@ class DataErrorBudgetExceeded(RuntimeError):
 
 
 class Quarantine:
-    """Counts skips, appends them to a JSONL file and enforces the error budget."""
+    """Counts skips, appends them to a JSONL file and enforces the error budget.
+
+    Under DDP/FSDP each rank loads other batches, so the budget counts every rank's: `record(...,
+    across_ranks=True)` (once per batch on every rank) all-reduces the batch counts, and all ranks
+    stop at the same batch with one summary instead of one rank stopping while the others wait.
+    Counts from reading the sources (the same on every rank) are not reduced."""
 
     def __init__(self, path: str | Path | None, max_error_fraction: float, min_samples: int):
         self.path = Path(path) if path else None
@@ -47,34 +52,76 @@ class Quarantine:
         self.min_samples = min_samples
         self.seen = 0
         self.skips: list[Skip] = []
+        self.batch_seen = 0  # the part of `seen` / `skips` from this rank's batches
+        self.batch_skips: list[Skip] = []
 
-    def record(self, skips: Iterable[Skip], seen: int) -> None:
+    def record(self, skips: Iterable[Skip], seen: int, across_ranks: bool = False) -> None:
         skips = list(skips)
         self.seen += seen
         for s in skips:
             log.warning("skipped %s record %s (%s): %s", s.stage, s.record_id, s.source, s.reason)
         self.skips.extend(skips)
+        if across_ranks:
+            self.batch_seen += seen
+            self.batch_skips.extend(skips)
         if skips and self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as f:
                 for s in skips:
                     f.write(json.dumps(s.__dict__) + "\n")
-        self.check()
+        self.check(across_ranks)
 
-    def check(self) -> None:
-        if self.seen < self.min_samples or not self.skips:
+    def check(self, across_ranks: bool = False) -> None:
+        seen, skipped = self.totals(across_ranks)  # a collective: before any early return
+        if seen < self.min_samples or not skipped:
             return
-        if len(self.skips) / self.seen > self.max_error_fraction:
-            raise DataErrorBudgetExceeded(self.summary())
+        if skipped / seen > self.max_error_fraction:
+            raise DataErrorBudgetExceeded(self.summary(seen, skipped, across_ranks))
 
-    def summary(self) -> str:
-        reasons = collections.Counter(s.reason.split(":")[0][:80] for s in self.skips)
-        lines = [f"{len(self.skips)} of {self.seen} samples skipped "
-                 f"({len(self.skips) / max(self.seen, 1):.1%} > budget {self.max_error_fraction:.1%}); "
+    def totals(self, across_ranks: bool = False) -> tuple[int, int]:
+        """(seen, skipped), with every rank's batches when `across_ranks` and running distributed."""
+        seen, skipped = self.seen, len(self.skips)
+        if across_ranks and _distributed():
+            counts = torch.tensor([self.batch_seen, len(self.batch_skips)], dtype=torch.long, device=_collective_device())
+            torch.distributed.all_reduce(counts)
+            seen += int(counts[0]) - self.batch_seen
+            skipped += int(counts[1]) - len(self.batch_skips)
+        return seen, skipped
+
+    def summary(self, seen: int | None = None, skipped: int | None = None, across_ranks: bool = False) -> str:
+        seen = self.seen if seen is None else seen
+        skipped = len(self.skips) if skipped is None else skipped
+        reasons = collections.Counter(_reason(s) for s in self.skips)
+        examples = [f"{s.source}: record {s.record_id}: {s.reason}" for s in self.skips[:3]]
+        if across_ranks and _distributed():  # every rank is here: gather the other ranks' batch skips
+            parts: list[Any] = [None] * torch.distributed.get_world_size()
+            mine = [f"{s.source}: record {s.record_id}: {s.reason}" for s in self.batch_skips[:3]]
+            torch.distributed.all_gather_object(parts, (collections.Counter(_reason(s) for s in self.batch_skips), mine))
+            reasons -= parts[torch.distributed.get_rank()][0]  # what every rank read alike, counted once
+            for part_reasons, part_examples in parts:
+                reasons += part_reasons
+                examples += [e for e in part_examples if e not in examples]
+        lines = [f"{skipped} of {seen} samples skipped "
+                 f"({skipped / max(seen, 1):.1%} > budget {self.max_error_fraction:.1%}); "
                  f"details in {self.path or '(no quarantine file)'}"]
         lines += [f"  {n:5d} x {reason}" for reason, n in reasons.most_common(10)]
-        lines += [f"  e.g. {s.source}: record {s.record_id}: {s.reason}" for s in self.skips[:3]]
+        lines += [f"  e.g. {example}" for example in examples[:3]]
         return "\n".join(lines)
+
+
+def _reason(skip: Skip) -> str:
+    return skip.reason.split(":")[0][:80]
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def _collective_device() -> torch.device:
+    """Where a tensor for a collective must live: NCCL reduces CUDA tensors only."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 @functools.lru_cache(maxsize=64)
@@ -250,5 +297,5 @@ class MM15DataModule(pl.LightningDataModule):
         if self.train_sampler is not None and self.trainer is not None and self.trainer.training:
             self.train_sampler.note_batch()  # the data position saved with checkpoints
         skipped = batch.pop("skipped", [])
-        self.quarantine.record(skipped, seen=batch.get("size", 0) + len(skipped))
+        self.quarantine.record(skipped, seen=batch.get("size", 0) + len(skipped), across_ranks=True)  # every rank, every batch
         return batch

@@ -12,7 +12,8 @@ from mm15.base.cli import MM15CLI
 from mm15.base.module import MM15Module
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+LMMS_EVAL_TASKS = ROOT / "configs" / "eval" / "lmms_eval"  # lmms-eval task configs: tests/test_eval_lmms.py loads them
+CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if LMMS_EVAL_TASKS not in p.parents)
 DEMO = ROOT / "configs" / "base" / "demo.yaml"
 
 

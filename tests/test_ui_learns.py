@@ -14,7 +14,7 @@ demo recipe, and the margins these bars leave over several seeds, are in docs/ex
 The slow test also trains `configs/ui/demo_nosplit.yaml` and prints both tables, so the effect of
 dynamic splitting on small elements can be read off (`-n 0` so that its print reaches the terminal):
 
-    python -m pytest tests/test_ui_learn.py -m slow -s -n 0
+    python -m pytest tests/test_ui_learns.py -m slow -s -n 0
 """
 
 from pathlib import Path

@@ -273,11 +273,32 @@ class MM15Module(pl.LightningModule):
         loss = self(batch).loss if n else self(self.keepalive_batch()).loss * 0.0
         self.log("val/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
 
+    def sharded(self) -> bool:
+        """Whether the weights are sharded over ranks (FSDP2, or FSDP1 on CUDA): every forward pass then
+        gathers them, so all ranks must run the same number of passes."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return False
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        try:
+            from torch.distributed.fsdp import FSDPModule
+        except ImportError:  # torch < 2.6
+            from torch.distributed._composable.fsdp import FSDPModule
+        return torch.distributed.get_world_size() > 1 and any(
+            isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in self.model.modules())
+
     def generate(self, batch: dict[str, Any]) -> list[str]:
+        """Decode a left-padded batch. Sharded, ranks decode in step: a text-only batch still runs the
+        tower (the keep-alive), and `synced_gpus` keeps a rank whose answers ended early running
+        forward passes until every rank's have (transformers does not detect FSDP2 by itself)."""
         tok = self.processor.tokenizer
+        sharded = self.sharded()
+        features = self.media_features(batch)
+        if features is None and sharded:
+            features = self.media_keepalive(batch)
         out = self.model.generate(
-            batch["input_ids"], batch["attention_mask"], media_features=self.media_features(batch),
-            layouts=batch.get("layouts"),
+            batch["input_ids"], batch["attention_mask"], media_features=features,
+            layouts=batch.get("layouts"), synced_gpus=sharded,
             max_new_tokens=self.generation.max_new_tokens, do_sample=self.generation.do_sample,
             num_beams=self.generation.num_beams, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
         )
@@ -287,6 +308,8 @@ class MM15Module(pl.LightningModule):
         """One prediction record per sample; `media` holds its media layouts as dicts
         (`mm15.base.data.media.record_layouts` reads them back)."""
         if not batch.get("size"):
+            if self.sharded():  # every sample was skipped, but the other ranks decode now: decode along
+                self.generate(self.keepalive_batch())
             return []
         predictions = self.generate(batch)
         keys = zip(batch["ids"], batch["tasks"], batch["answers"], batch["metas"], batch["layouts"], predictions)

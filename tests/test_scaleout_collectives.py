@@ -4,7 +4,9 @@
   runs its step, under DDP and FSDP2: losses, final weights and the synced `val/loss` equal the
   1-process run on the same data, where those samples are skipped too;
 * bad data on one rank only spends the error budget of the whole run: both ranks stop with the
-  same `DataErrorBudgetExceeded` and one summary.
+  same `DataErrorBudgetExceeded` and one summary;
+* `mm15 test` and `mm15 predict` under FSDP2 with one rank decoding fewer tokens and holding a
+  text-only and an all-skipped batch: every rank finishes, predictions equal one process's.
 
 A hang fails the test after `HANG_TIMEOUT` seconds (`scaleout_support.run_cli` kills every rank
 and reports where each waited).
@@ -13,17 +15,20 @@ and reports where each waited).
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from pytorch_lightning import LightningDataModule
+from pytorch_lightning.cli import instantiate_module
 
 from mm15.base.cli import MM15CLI
+from mm15.base.data.datamodule import resolve_media
 from mm15.base.data.sample import Media, Sample, Turn
 from mm15.base.data.sources import write_jsonl
-from mm15.base.module import MM15Module
+from mm15.base.module import GenerationSpec, MM15Module
 from mm15.base.training.resumable import ResumableSampler
 from mm15.data_builders.synthetic_shapes import SyntheticShapesSource
 
@@ -157,3 +162,49 @@ def test_bad_data_on_one_rank_stops_both_with_one_summary(shapes, tmp_path):
     assert stopped[0]["message"] == stopped[1]["message"]  # one summary, counted over both ranks
     assert "image file not found" in stopped[0]["message"]  # rank 0 saw no bad sample itself
     assert read_losses(run / "losses") == []  # the very first batch spent the budget
+
+
+# ----- generation under FSDP2 ----------------------------------------------------------------------
+def generation_config(run: Path, root: Path, samples: list[Sample]) -> dict[str, Any]:
+    config = fit_config(run, root, samples, samples[:2])
+    write_jsonl(samples, root / f"{run.name}-generate.jsonl")
+    source = [{"class_path": "mm15.base.data.sources.JsonlSource",
+               "init_args": {"path": str(root / f"{run.name}-generate.jsonl")}}]
+    config["data"]["init_args"].update(test=source, predict=source, eval_batch_size=2)
+    config["model"]["init_args"]["generation"] = {"max_new_tokens": 4}
+    # Wider init than the default 0.02, whose greedy answer is newlines (stripped to ""): distinct answers.
+    config["model"]["init_args"]["model"]["llm"]["config"]["initializer_range"] = 0.2
+    config["trainer"]["callbacks"] = [{"class_path": RECORDER.format("FewerNewTokensOnRank"),
+                                       "init_args": {"rank": 1, "max_new_tokens": 1}}]
+    return config
+
+
+@pytest.mark.parametrize("command", ["test", "predict"])
+def test_generation_under_fsdp2_with_unequal_lengths_and_text_only_rank(command, shapes, tmp_path):
+    root, images = shapes
+    # Rank r decodes samples r, r + 2, ... in batches of 2: rank 0 images; rank 1 a text-only batch,
+    # then a batch of missing images (nothing left to decode), and it stops after 1 new token.
+    samples = [images[0], text_only(images[1]), images[2], text_only(images[3]),
+               images[4], missing_image(images[5]), images[6], missing_image(images[7])]
+    run = tmp_path / command
+    run.mkdir()
+    config = generation_config(run, root, samples)
+    proc = two_processes(command, run, config, "fsdp2.yaml")
+    assert proc.returncode == 0, failure(proc, run)
+    name = "test_predictions.jsonl" if command == "test" else "predictions.jsonl"
+    records = {r["id"]: r["prediction"] for r in map(json.loads, (run / name).read_text().splitlines())}
+
+    module = instantiate_module(MM15Module, {"_class_path": "mm15.base.module.MM15Module",
+                                             **config["model"]["init_args"]})
+    module.configure_model()  # the same seed-0 weights the two ranks built
+    module.eval()
+    expected = {}
+    for batch, tokens in (([0, 2], 4), ([4, 6], 4), ([1, 3], 1)):
+        chosen = [resolve_media(dataclasses.replace(samples[i], media=[dataclasses.replace(m) for m in samples[i].media]),
+                                str(root)) for i in batch]
+        items = module.processor.collate([module.processor(s, generate=True) for s in chosen], padding_side="left")
+        module.generation = GenerationSpec(max_new_tokens=tokens)
+        with torch.no_grad():
+            expected.update(zip((s.id for s in chosen), module.generate(items)))
+    assert records == expected
+    assert all(records[samples[i].id] for i in (0, 2, 4, 6)) and len(set(records.values())) > 1, records

@@ -21,6 +21,7 @@ Token layout of one media item split into crops (position indicator `index`):
 
 from __future__ import annotations
 
+import io
 import random
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -80,10 +81,10 @@ class MediaBlock:
                              f"{self.layout.describe()}")
 
 
-def load_rgb(path: str, sample: Sample) -> np.ndarray:
-    """Decode an image file to (H, W, 3) uint8; a clear `SampleError` on any failure."""
+def load_rgb(path: str, sample: Sample, data: bytes | None = None) -> np.ndarray:
+    """Decode an image file (or its bytes, `data`) to (H, W, 3) uint8; a clear `SampleError` on any failure."""
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data) if data is not None else path) as im:
             im.load()
             return np.asarray(im.convert("RGB"))
     except FileNotFoundError:
@@ -106,7 +107,7 @@ class MM15Processor:
         """Image -> crops (split unless the sample has more images than `max_images_to_split`)."""
         if media.kind != "image":
             raise sample.error(f"media {media.path}: kind {media.kind!r} needs its variant processor (e.g. mm15.video)")
-        image = load_rgb(media.path, sample)
+        image = load_rgb(media.path, sample, media.data)
         split = len(sample.media) <= self.spec.split.max_images_to_split
         crops, plan = split_image(image, self.spec.split, split)
         layout = MediaLayout("image", media.path, plan.num_crops, [self.tokens_per_crop] * plan.num_crops,

@@ -68,6 +68,7 @@ class Media:
     kind: MediaKind = "image"
     start: float | None = None  # clip window in seconds (videos only)
     end: float | None = None
+    data: bytes | None = None  # the file's bytes, for images embedded in prepared shards (`path` names them)
 
 
 @dataclass

@@ -1,4 +1,6 @@
-"""The `mm15` command: LightningCLI's fit / validate / test / predict, plus `export`.
+"""The `mm15` command: LightningCLI's fit / validate / test / predict, plus `export`, `prepare`
+(write sharded sources, `mm15.base.data.prepare`) and `plan` (tokens and skips before training,
+`mm15.base.data.plan`).
 
     mm15 fit --config configs/base/demo.yaml
     mm15 test --config configs/base/demo.yaml --ckpt_path last
@@ -38,6 +40,14 @@ def main(args: list[str] | None = None) -> None:
         from mm15.base.training.export import main as export_main
 
         return export_main(argv[1:])
+    if argv[:1] == ["prepare"]:
+        from mm15.base.data.prepare import main as prepare_main
+
+        return prepare_main(argv[1:])
+    if argv[:1] == ["plan"]:
+        from mm15.base.data.plan import main as plan_main
+
+        return plan_main(argv[1:])
     MM15CLI(
         MM15Module, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
         auto_configure_optimizers=False, save_config_kwargs={"overwrite": True}, args=args,

@@ -7,6 +7,7 @@ long files, as only box headers and the `moov` box are read). Other containers a
 PyAV, which reports rotation only on decoded frames, so one frame is decoded there.
 
     info = probe_video("clip.mp4")     # VideoInfo(width=1080, height=1920, rotation=90, container='mp4')
+    probe_timing("clip.mp4")           # VideoTiming(frames=300, duration=10.0): what `mm15 plan` counts
 """
 
 from __future__ import annotations
@@ -103,6 +104,52 @@ def probe_pyav(path: str) -> VideoInfo:
         rot = int(frame.rotation) % 360
         w, h = (frame.height, frame.width) if rot in (90, 270) else (frame.width, frame.height)
         return VideoInfo(w, h, rot, container.format.name)
+
+
+@dataclass
+class VideoTiming:
+    frames: int  # frames (samples) of the first video track
+    duration: float  # seconds
+
+
+def timing_mp4(path: str) -> VideoTiming | None:
+    """Frame count (`stts`) and duration (`mdhd`) of the first video track; None if not MP4/MOV."""
+    with open(path, "rb") as f:
+        if f.read(8)[4:8] not in MP4_BRANDS:
+            return None
+        f.seek(0)
+        moov = _read_moov(f)
+    for kind, trak in _boxes(moov or b""):
+        mdia = dict(_boxes(dict(_boxes(trak)).get(b"mdia", b"")))
+        if kind != b"trak" or mdia.get(b"hdlr", b"")[8:12] != b"vide":
+            continue
+        mdhd = mdia[b"mdhd"]
+        scale, length = (struct.unpack(">IQ", mdhd[20:32]) if mdhd[0] == 1 else struct.unpack(">II", mdhd[12:20]))
+        stts = dict(_boxes(dict(_boxes(mdia.get(b"minf", b""))).get(b"stbl", b""))).get(b"stts", b"")
+        entries = struct.unpack(">I", stts[4:8])[0] if len(stts) >= 8 else 0
+        frames = sum(struct.unpack(">I", stts[8 + 8 * i: 12 + 8 * i])[0] for i in range(entries))
+        return VideoTiming(frames, length / scale if scale else 0.0)
+    return None
+
+
+def probe_timing(path: str) -> VideoTiming:
+    """Frames and duration without decoding: MP4/MOV from the sample table, the rest from PyAV's
+    stream header (or, where it has none, by counting demuxed packets)."""
+    try:
+        timing = timing_mp4(path)
+    except (struct.error, IndexError, KeyError, OSError):
+        timing = None
+    if timing is not None and timing.frames:
+        return timing
+    import av
+
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        stream = container.streams.video[0]
+        frames = stream.frames or sum(1 for p in container.demux(stream) if p.pts is not None)
+        seconds = float(stream.duration * stream.time_base) if stream.duration else (container.duration or 0) / 1e6
+        return VideoTiming(int(frames), seconds)
 
 
 def probe_video(path: str) -> VideoInfo:

@@ -27,7 +27,7 @@ from mm15.base.data.media import MediaLayout
 from mm15.base.data.processor import MediaBlock, MM15Processor, PreprocessSpec
 from mm15.base.data.sample import IMAGE_TOKEN, Media, Sample
 
-from .decoding import DecodedVideo, DecodeSpec, VideoDecoder, VideoError
+from .decoding import IMAGE_SUFFIXES, DecodedVideo, DecodeSpec, VideoDecoder, VideoError
 from .pooling import SlowFastSpec, slowfast_token_count
 from .sampling import FrameSampling
 
@@ -90,6 +90,34 @@ class VideoProcessor(MM15Processor):
         layout = MediaLayout("video", media.path, len(video.frames), counts, video.size, backend=video.backend,
                              notes=video.notes, frame_indices=video.indices, timestamps=video.timestamps)
         return MediaBlock(video.frames, text, layout)
+
+    def measure_media(self, sample: Sample, index: int, media: Media) -> MediaBlock:
+        """The block of a video without decoding it (`mm15 plan`): frames chosen from the frame count
+        and duration in the container (`mm15.video.probe.probe_timing`; a folder's files at
+        `folder_fps`), as if the frame rate were constant; crops are an empty (n, 0, 0, 3) array."""
+        import os
+
+        import numpy as np
+
+        from .probe import probe_timing
+        from .sampling import sample_frame_indices
+
+        v = self.spec.video
+        try:
+            if os.path.isdir(media.path):
+                count = sum(1 for p in os.listdir(media.path) if p.lower().endswith(IMAGE_SUFFIXES))
+                duration = count / v.decode.folder_fps
+            else:
+                timing = probe_timing(media.path)
+                count, duration = timing.frames, timing.duration
+            times = np.arange(count) * (duration / max(count, 1))
+            pick = sample_frame_indices(times, duration, v.sampling, media.start, media.end)
+        except Exception as e:  # noqa: BLE001 - FFmpeg's errors, a damaged header, a window outside the video
+            raise sample.error(f"{media.path}: {type(e).__name__}: {e}") from None
+        frames = np.empty((len(pick.indices), 0, 0, 3), np.uint8)
+        video = DecodedVideo(frames, pick.indices, times[pick.indices].tolist(), "probe", pick.notes)
+        text, counts = self.video_text(video)
+        return MediaBlock(frames, text, MediaLayout("video", media.path, len(frames), counts, (0, 0)))
 
     def video_text(self, video: DecodedVideo) -> tuple[str, list[int]]:
         """The text block of one video and the placeholder count of each of its markers."""

@@ -29,6 +29,8 @@ from torch.utils.data import DataLoader, Dataset
 from mm15.base.data.processor import MM15Processor
 from mm15.base.training.resumable import ResumableLoader, ResumableSampler, accumulation_for
 from mm15.base.data.sample import Sample, SampleError, Skip
+from mm15.base.data.drawn import TrainDraws, is_sharded
+from mm15.base.data.mixtures import Mixture
 from mm15.base.data.sources import SampleSource
 
 log = logging.getLogger(__name__)
@@ -170,18 +172,25 @@ class ProcessedDataset(Dataset):
         return self.cache[i]
 
     def process(self, i: int) -> dict[str, Any] | Skip:
-        sample = self.samples[i]
-        try:
-            return self.processor(sample, generate=self.generate)
-        except SampleError as e:
-            return e.as_skip("load")
-        except Exception as e:  # a bad file must not kill the run: recorded and budgeted
-            return Skip(sample.id, sample.source, f"{type(e).__name__}: {e}", "load")
+        return process_sample(self.processor, self.samples[i], self.generate)
+
+
+def process_sample(processor: MM15Processor, sample: Sample, generate: bool = False) -> dict[str, Any] | Skip:
+    """The processed sample, or the `Skip` saying why it cannot be used."""
+    try:
+        return processor(sample, generate=generate)
+    except SampleError as e:
+        return e.as_skip("load")
+    except Exception as e:  # a bad file must not kill the run: recorded and budgeted
+        return Skip(sample.id, sample.source, f"{type(e).__name__}: {e}", "load")
 
 
 class MM15DataModule(pl.LightningDataModule):
     """Args:
-    train, val, test, predict: lists of sources (`class_path` in YAML).
+    train, val, test, predict: lists of sources (`class_path` in YAML); `train` may also be a
+        `mm15.base.data.mixtures.Mixture`. A mixture, or a list holding prepared shards
+        (`mm15.base.data.streams.ShardedSource`, drawn in proportion to the sources' sizes), is
+        streamed (`mm15.base.data.drawn.TrainDraws`); a list of in-memory sources is concatenated.
     media_root: where relative media paths live, for sources without their own `media_root`.
     batch_size: per-device micro-batch for training; `eval_batch_size` for val/test/predict.
     num_workers: loader processes (media decoding and splitting run there).
@@ -192,15 +201,23 @@ class MM15DataModule(pl.LightningDataModule):
         accumulation to `global_batch_size / (batch_size * world_size)` (None: keep the trainer's).
     cache_processed: keep processed samples in memory after their first epoch (`ProcessedDataset`;
         for data that fits in RAM).
+    lanes: independent draw sequences of a streamed training split; a rank reads only its lanes'
+        data when `lanes` is a multiple of the process count (the order depends on `lanes`, never
+        on the process count).
     """
 
-    def __init__(self, train: list[SampleSource] | None = None, val: list[SampleSource] | None = None,
+    def __init__(self, train: list[SampleSource] | Mixture | None = None, val: list[SampleSource] | None = None,
                  test: list[SampleSource] | None = None, predict: list[SampleSource] | None = None,
                  media_root: str | None = None, batch_size: int = 8, eval_batch_size: int | None = None,
                  num_workers: int = 0, max_error_fraction: float = 0.05, min_samples_for_budget: int = 20,
                  quarantine_file: str | None = None, seed: int = 0, global_batch_size: int | None = None,
-                 cache_processed: bool = False):
+                 cache_processed: bool = False, lanes: int = 1):
         super().__init__()
+        self.mixture = train if isinstance(train, Mixture) else None
+        if self.mixture is not None:
+            train = [entry.source for entry in self.mixture.entries]
+        self.lanes = lanes
+        self.draws: TrainDraws | None = None
         self.sources = {"train": train or [], "val": val or [], "test": test or [], "predict": predict or []}
         self.media_root = media_root
         self.batch_size = batch_size
@@ -229,7 +246,10 @@ class MM15DataModule(pl.LightningDataModule):
             self._derive_accumulation()
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}[stage]
         for split in wanted:
-            if split not in self.samples:
+            if split == "train" and (self.mixture is not None or any(is_sharded(s) for s in self.sources["train"])):
+                if self.draws is None:
+                    self.draws = TrainDraws(self.mixture or self.sources["train"], self, self.lanes)
+            elif split not in self.samples:
                 self.samples[split] = self.read_split(split)
 
     def _derive_accumulation(self) -> None:
@@ -239,18 +259,26 @@ class MM15DataModule(pl.LightningDataModule):
                              f"data.global_batch_size={self.global_batch_size} (which needs {steps}); set only one")
         self.trainer.accumulate_grad_batches = steps
 
+    def read_source(self, source: SampleSource) -> tuple[list[Sample], list[Skip]]:
+        """One source's usable samples (media resolved) and its skips."""
+        samples, skips = [], []
+        root = getattr(source, "media_root", None) or self.media_root
+        for item in source.read():
+            if isinstance(item, Skip):
+                skips.append(item)
+                continue
+            try:
+                samples.append(resolve_media(item, root))
+            except SampleError as e:
+                skips.append(e.as_skip("parse"))
+        return samples, skips
+
     def read_split(self, split: str) -> list[Sample]:
         samples, skips = [], []
         for source in self.sources[split]:
-            root = getattr(source, "media_root", None) or self.media_root
-            for item in source.read():
-                if isinstance(item, Skip):
-                    skips.append(item)
-                    continue
-                try:
-                    samples.append(resolve_media(item, root))
-                except SampleError as e:
-                    skips.append(e.as_skip("parse"))
+            got, lost = self.read_source(source)
+            samples += got
+            skips += lost
         self.quarantine.record(skips, seen=len(samples) + len(skips))
         if self.sources[split] and not samples:
             raise DataErrorBudgetExceeded(f"{split}: no usable samples\n{self.quarantine.summary()}")
@@ -274,6 +302,10 @@ class MM15DataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Resumable, world-size-invariant order (see `mm15.base.training.resumable`)."""
+        if self.draws is not None:
+            loader = self.draws.loader()
+            self.train_sampler = loader.dataset  # holds the data position, as the sampler does
+            return loader
         dataset = self._dataset("train", generate=False)
         kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) if self.trainer else None
         self.train_sampler = ResumableSampler(dataset, self.batch_size, seed=self.seed, **(kwargs or {}))
@@ -296,6 +328,8 @@ class MM15DataModule(pl.LightningDataModule):
         """Main process: record the skips the workers produced and enforce the budget."""
         if self.train_sampler is not None and self.trainer is not None and self.trainer.training:
             self.train_sampler.note_batch()  # the data position saved with checkpoints
+            if self.draws is not None:
+                self.draws.log_draws()
         skipped = batch.pop("skipped", [])
         self.quarantine.record(skipped, seen=batch.get("size", 0) + len(skipped), across_ranks=True)  # every rank, every batch
         return batch

@@ -16,10 +16,11 @@ starts right after them: no sample is read twice, none is skipped.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
 
 
 class ResumableSampler(DistributedSampler):
@@ -74,15 +75,19 @@ class ResumableSampler(DistributedSampler):
                     f"cannot resume the data position: the checkpoint's training data had {key}={state[key]!r}, this "
                     f"run has {now!r}. Resume with the data config the checkpoint was trained with, or start a new run."
                 )
-        consumed = int(state["consumed_samples"])
-        if consumed % self.samples_per_round:
-            raise ValueError(
-                f"cannot resume the data position: {consumed} samples were consumed, not a multiple of micro-batch "
-                f"{self.micro_batch} x {self.num_replicas} processes. Resume with a batch size and process count "
-                "whose product divides it (the global batch size may stay the same)."
-            )
         self.epoch = int(state["epoch"])
-        self.consumed_batches = consumed // self.samples_per_round
+        self.consumed_batches = consumed_rounds(int(state["consumed_samples"]), self.micro_batch, self.num_replicas)
+
+
+def consumed_rounds(consumed: int, micro_batch: int, num_replicas: int) -> int:
+    """Micro-batches per rank behind `consumed` samples of all ranks; refused when they do not divide."""
+    if consumed % (micro_batch * num_replicas):
+        raise ValueError(
+            f"cannot resume the data position: {consumed} samples were consumed, not a multiple of micro-batch "
+            f"{micro_batch} x {num_replicas} processes. Resume with a batch size and process count "
+            "whose product divides it (the global batch size may stay the same)."
+        )
+    return consumed // (micro_batch * num_replicas)
 
 
 class ResumableLoader(DataLoader):
@@ -105,3 +110,176 @@ def accumulation_for(global_batch_size: int, micro_batch: int, world_size: int) 
             f"{max(1, round(global_batch_size / per_round)) * per_round})"
         )
     return global_batch_size // per_round
+
+
+# ----- mixtures and streams: an order of draws instead of a permutation -------------------------------
+class RecordSet(Protocol):
+    """The records of one source as the draw order sees them (in memory, `MemoryRecords`; sharded,
+    `mm15.base.data.streams.ShardRecords`): `refs` yields cheap references in the order of one lane,
+    pass after pass (each pass reshuffled); `load` turns the references a rank keeps into samples."""
+
+    def lane_size(self, lane: int, lanes: int) -> int: ...
+
+    def refs(self, epoch: int, source: int, lane: int, lanes: int, start: int, seed: int) -> Iterator[Any]: ...
+
+    def load(self, ref: Any) -> Any: ...
+
+
+class MemoryRecords:
+    """A list of samples (already curated) restricted to `keep` (a cap's subset; None: all)."""
+
+    def __init__(self, samples: list[Any], keep: np.ndarray | None = None):
+        self.samples = samples
+        self.index = np.arange(len(samples)) if keep is None else np.asarray(keep)
+
+    def lane_size(self, lane: int, lanes: int) -> int:
+        return len(self.index[lane::lanes])
+
+    def refs(self, epoch: int, source: int, lane: int, lanes: int, start: int, seed: int) -> Iterator[int]:
+        from mm15.base.data.mixtures import order_key
+
+        mine = self.index[lane::lanes]
+        passes, offset = divmod(start, len(mine))
+        while True:
+            perm = torch.randperm(len(mine), generator=torch.Generator().manual_seed(
+                order_key(seed, epoch, source, lane, passes, 0))).numpy()
+            yield from mine[perm[offset:]].tolist()
+            passes, offset = passes + 1, 0
+
+    def load(self, ref: int) -> Any:
+        return self.samples[ref]
+
+
+class _LaneCursor:
+    """One lane's draws in order, for one loader process: skips what other ranks and workers take."""
+
+    def __init__(self, stream: "DrawStream", lane: int, start: int):
+        self.stream, self.lane, self.position = stream, lane, start
+        self.begin = stream.order.counts_before(stream.epoch, lane, start)
+        self.iters: dict[int, Iterator[Any]] = {}
+
+    def _next_ref(self, source: int) -> Any:
+        if source not in self.iters:
+            s = self.stream
+            self.iters[source] = s.sources[source].refs(s.epoch, source, self.lane, s.order.lanes,
+                                                        int(self.begin[source]), s.order.seed)
+        return next(self.iters[source])
+
+    def take(self, start: int, count: int) -> list[tuple[int, Any]]:
+        order, epoch = self.stream.order, self.stream.epoch
+        out = []
+        for draw in range(self.position, start + count):
+            source = int(order.labels(epoch, self.lane, draw // order.block)[draw % order.block])
+            ref = self._next_ref(source)
+            if draw >= start:
+                out.append((source, ref))
+        self.position = start + count
+        return out
+
+
+class DrawStream(IterableDataset):
+    """The training stream of a mixture (or of sharded sources): processed samples of this rank.
+
+    Draw d of lane c comes from the source `order` names for it and is that source's next record
+    in lane c. The epoch's micro-batches are numbered globally, j = 0, 1, ...: micro-batch j is the
+    (j // lanes)-th run of `micro_batch` draws of lane j % lanes, and goes to rank j % world_size,
+    as `ResumableSampler` deals them. Nothing depends on the world size: a rank reads only the
+    lanes its micro-batches come from (with lanes a multiple of the process count, 1 / world_size
+    of the data) and skips the draws it does not keep without processing them. Loader workers take
+    the rank's micro-batches in turn. The position (`state_dict`) is the count of micro-batches
+    consumed, as for `ResumableSampler`: on resume each lane restarts at its draw, each source at
+    its record (`DrawOrder.counts_before`), and nothing is read twice or skipped.
+
+    Args:
+        sources: one `RecordSet` per source; names: their names (logged, put on each item).
+        order: the `mm15.base.data.mixtures.DrawOrder`; epoch_draws: draws per epoch.
+        process: (sample) -> processed item or Skip (the processor, with its errors caught).
+        fingerprint: what must match on resume (shares, sizes, ...).
+    """
+
+    def __init__(self, sources: list[RecordSet], names: list[str], order: Any, epoch_draws: int, micro_batch: int,
+                 process: Any, num_replicas: int = 1, rank: int = 0, fingerprint: dict[str, Any] | None = None):
+        self.sources, self.names, self.order, self.process = sources, names, order, process
+        self.micro_batch, self.num_replicas, self.rank = micro_batch, num_replicas, rank
+        self.epoch_draws = epoch_draws
+        self.batches_per_rank = (epoch_draws // micro_batch) // num_replicas
+        self.epoch, self.consumed_batches = 0, 0
+        self.fingerprint = fingerprint or {}
+        if self.batches_per_rank == 0:
+            raise ValueError(f"an epoch of {epoch_draws} draws holds no micro-batch of {micro_batch} for each of "
+                             f"{num_replicas} processes")
+
+    def __len__(self) -> int:
+        return self.batches_per_rank * self.micro_batch
+
+    samples_per_round = ResumableSampler.samples_per_round
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.consumed_batches = 0
+        self.epoch = epoch
+
+    def note_batch(self) -> None:
+        self.consumed_batches += 1
+
+    def __iter__(self) -> Iterator[Any]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        cursors: dict[int, _LaneCursor] = {}
+        lanes, m = self.order.lanes, self.micro_batch
+        for k in range(self.consumed_batches, self.batches_per_rank):
+            if (k - self.consumed_batches) % workers != worker:
+                continue
+            j = k * self.num_replicas + self.rank
+            lane, start = j % lanes, (j // lanes) * m
+            if lane not in cursors:
+                cursors[lane] = _LaneCursor(self, lane, start)
+            for source, ref in cursors[lane].take(start, m):
+                item = self.process(self.sources[source].load(ref))
+                if isinstance(item, dict):
+                    item["mixture_source"] = self.names[source]
+                yield item
+
+    def draws_by_source(self) -> dict[str, int]:
+        """Draws each source gave in this epoch so far, over all ranks (from the position alone)."""
+        done = self.consumed_batches * self.num_replicas  # global micro-batches consumed
+        lanes, total = self.order.lanes, np.zeros(len(self.sources), np.int64)
+        for lane in range(lanes):
+            runs = len(range(lane, done, lanes))
+            total += self.order.counts_before(self.epoch, lane, runs * self.micro_batch)
+        return dict(zip(self.names, total.tolist()))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "consumed_samples": self.consumed_batches * self.samples_per_round,
+                "seed": self.order.seed, "lanes": self.order.lanes, **self.fingerprint}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        now = {"seed": self.order.seed, "lanes": self.order.lanes, **self.fingerprint}
+        for key, value in now.items():
+            if state.get(key, value) != value:
+                raise ValueError(f"cannot resume the data position: the checkpoint's training data had {key}="
+                                 f"{state[key]!r}, this run has {value!r}. Resume with the data config the checkpoint "
+                                 "was trained with, or start a new run.")
+        self.epoch = int(state["epoch"])
+        self.consumed_batches = consumed_rounds(int(state["consumed_samples"]), self.micro_batch, self.num_replicas)
+
+
+class DrawLoader(DataLoader):
+    """A `DataLoader` over a `DrawStream`, stateful for Lightning like `ResumableLoader`; each
+    iteration (epoch) first takes the trainer's epoch (`epoch_fn`), as Lightning's `set_epoch` does
+    for samplers. Its workers are not persistent, so every epoch starts them at the stream's state."""
+
+    def __init__(self, stream: DrawStream, epoch_fn: Any = None, **kwargs: Any):
+        super().__init__(stream, batch_size=stream.micro_batch, persistent_workers=False, **kwargs)
+        self.epoch_fn = epoch_fn
+
+    def __iter__(self) -> Any:
+        if self.epoch_fn is not None:
+            self.dataset.set_epoch(int(self.epoch_fn()))
+        return super().__iter__()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.dataset.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.dataset.load_state_dict(state)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mm15.base.data.mixtures import DrawOrder, Mixture, SourceEntry, cap_subset, curate
+from mm15.base.data.mixtures import DrawOrder, Mixture, SourceEntry, cap_subset, curate, default_name
 from mm15.base.data.streams import ShardedSource, ShardRecords, processing_spec
 from mm15.base.training.resumable import DrawLoader, DrawStream, MemoryRecords
 
@@ -37,8 +37,9 @@ def as_mixture(train: Mixture | list[Any], sizes: list[int] | None = None) -> Mi
     """A plain list as a flat mixture weighed by size (each record once per epoch in expectation)."""
     if isinstance(train, Mixture):
         return train
-    entries = [SourceEntry(source, name=f"{i}:{default}") for i, source in enumerate(train)
-               for default in [getattr(source, "shards", None) or type(source).__name__]]
+    names = [default_name(source) for source in train]
+    entries = [SourceEntry(source, name=name if names.count(name) == 1 else f"{i}:{name}")
+               for i, (source, name) in enumerate(zip(train, names))]
     return Mixture(sources=entries, epoch_samples=max(1, sum(sizes or [1])), weigh_by="size")
 
 
@@ -59,7 +60,8 @@ class TrainDraws:
 
         self.module = module
         self.sources = [e.source for e in train.entries] if isinstance(train, Mixture) else list(train)
-        spec = processing_spec(module.processor) if module.processor is not None else None
+        sharded = module.processor is not None and any(is_sharded(s) for s in self.sources)
+        spec = processing_spec(module.processor) if sharded else None
         loaded = [self._records_of(source, spec) for source in self.sources]
         raw = [n for _, n in loaded]
         self.mixture = as_mixture(train, raw)
@@ -72,7 +74,8 @@ class TrainDraws:
         self.table = mixture_table(self.mixture, self.sizes, raw)
         self.shares = np.array([row["share"] for row in self.table])
         self.epoch_draws = self.mixture.epoch_size(self.shares, self.sizes)
-        self.order = DrawOrder(self.shares, module.seed, lanes)
+        per_lane = -(-self.epoch_draws // lanes)  # a short epoch is one block: its draws hold the shares
+        self.order = DrawOrder(self.shares, module.seed, lanes, block=min(4096, per_lane))
         for lane in range(lanes):
             for entry, records in zip(self.mixture.entries, self.records):
                 if records.lane_size(lane, lanes) == 0:

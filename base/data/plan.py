@@ -106,7 +106,7 @@ def plan_data(datamodule: Any, processor: MM15Processor, split: str = "train", w
     samples' token counts per source (for the histogram)."""
     from mm15.base.data.datamodule import resolve_media
     from mm15.base.data.drawn import as_mixture, is_sharded, mixture_table
-    from mm15.base.data.mixtures import Mixture, cap_subset, curate
+    from mm15.base.data.mixtures import cap_subset, curate, default_name
 
     counter, max_length = TokenCounter(processor), processor.spec.max_length
     sources = datamodule.sources[split]
@@ -120,7 +120,7 @@ def plan_data(datamodule: Any, processor: MM15Processor, split: str = "train", w
         keep = cap_subset(len(counts["tokens"]), entry.cap, datamodule.seed, entry.name) if entry else None
         tokens, media = (counts["tokens"], counts["media"]) if keep is None else (counts["tokens"][keep], counts["media"][keep])
         ok = tokens >= 0
-        name = entry.name if entry else getattr(source, "path", None) or type(source).__name__
+        name = entry.name if entry else default_name(source)
         per_source[name] = tokens[ok]
         raw.append(len(counts["tokens"]))
         kept_sizes.append(len(tokens))

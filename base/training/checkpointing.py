@@ -57,6 +57,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def write(self, checkpoint: dict[str, Any], f: IO[bytes]) -> None:
         torch.save(checkpoint, f)
 
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        """Local files through `load_checkpoint_file` (weights only, mm15 spec dataclasses allowed), so a
+        run resumes from a checkpoint whose hyper-parameters hold our specs (a module built in Python)."""
+        if "://" in str(path) or weights_only is False:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"Checkpoint file not found: {path}")
+        return load_checkpoint_file(path, map_location=map_location or "cpu")
+
 
 def _fsync_dir(directory: Path) -> None:
     try:

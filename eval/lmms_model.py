@@ -12,7 +12,8 @@ Model arguments (`--model_args k=v,...`):
     precision: `32-true` (default), `bf16-mixed` or `16-mixed` (autocast, as Lightning's `--trainer.precision`).
     num_frames: frames per video; default the saved spec's; an image model answers videos only with it.
     max_length: the context in tokens; default the saved spec's.
-    regions: true for grounding / referring tasks: the box codec's system prompt on every request.
+    regions: true for grounding / referring tasks: the box codec's system prompt on every request
+        (ScreenSpot's parser reads the default 0-999 canvas boxes as thousandths of the image).
     max_new_tokens: used when a task's `generation_kwargs` give none (default 128).
 
 Requests go through `mm15.eval.requests` (the saved preprocessing, nothing re-implemented) and the

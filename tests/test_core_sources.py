@@ -81,3 +81,16 @@ def test_shapes_split_is_regenerated_when_num_samples_changes(tmp_path):
     assert len(read(3)) == 3 and (tmp_path / "val.jsonl").stat().st_mtime_ns == first  # reused
     assert len(read(5)) == 5  # a changed parameter regenerates, never the old 3
     assert json.loads((tmp_path / "val.params.json").read_text())["num_samples"] == 5
+
+
+def test_a_malformed_json_array_is_a_start_up_error_naming_file_line_and_column(tmp_path):
+    from mm15.base.data.datamodule import MM15DataModule
+    from mm15.base.data.sources import DataFileError
+
+    path = tmp_path / "llava_500k.json"
+    path.write_text('[\n  {"id": "a", "conversations": []},\n  {"id": "b",, "conversations": []}\n]\n')
+    with pytest.raises(DataFileError, match=r"llava_500k.json: not valid JSON: .* at line 3, column 14"):
+        list(read_json_records(str(path)))
+    dm = MM15DataModule(train=[LlavaJsonSource(str(path))], max_error_fraction=1.0)
+    with pytest.raises(DataFileError, match="llava_500k.json"):  # not one budgeted skip for the whole file
+        dm.read_split("train")

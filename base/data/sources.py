@@ -13,7 +13,8 @@ What every builder shares lives here too:
 
 * `samples_from_rows`: the one loop from a file's rows to `Sample | Skip` (each row through the
   builder's `to_sample(row, label)` and `Sample.validate`; every failure a `Skip`);
-* `read_json_records`: the rows of a JSON array or JSONL file;
+* `read_json_records`: the rows of a JSON array or JSONL file; `load_json_file`: any JSON data
+  file, refused as a whole (`DataFileError`: file, line, column) when it is not valid JSON;
 * `build_once`: a generated (synthetic) split is rebuilt only when its parameters change;
   `generated_jsonl` applies it to a split of samples written as canonical JSONL (`write_jsonl`).
 
@@ -63,17 +64,30 @@ class JsonlSource:
 RowLabel = str  # how a row is named before its id is known: "line 7", "#3", a question id
 
 
+class DataFileError(ValueError):
+    """A data file that cannot be read as a whole (not valid JSON): a start-up error naming the file,
+    line and column, never one budgeted skip standing for every record the file held."""
+
+
+def load_json_file(path: str | Path) -> Any:
+    """The parsed JSON of a data file; `DataFileError` naming file, line and column when it is not JSON."""
+    return parse_json_text(Path(path).read_text(encoding="utf-8"), path)
+
+
+def parse_json_text(text: str, path: str | Path) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataFileError(f"{path}: not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+
+
 def read_json_records(path: str) -> Iterator[tuple[RowLabel, Any] | Skip]:
-    """(label, row) pairs from a JSON array (`#i`) or JSONL file (`line n`); malformed JSON becomes
-    a Skip naming the line (or the file, for an array)."""
+    """(label, row) pairs from a JSON array (`#i`) or JSONL file (`line n`). A malformed JSONL line
+    is a Skip naming the line (one record lost); a malformed array raises `DataFileError` (file,
+    line, column) when read, since every record of the file would be lost."""
     text = Path(path).read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            yield Skip("<file>", path, f"malformed JSON file: {e.msg} at line {e.lineno}")
-            return
-        yield from ((f"#{i}", row) for i, row in enumerate(rows))
+        yield from ((f"#{i}", row) for i, row in enumerate(parse_json_text(text, path)))
         return
     for lineno, line in enumerate(text.splitlines(), 1):
         if line.strip():

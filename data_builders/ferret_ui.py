@@ -37,7 +37,6 @@ turn; read them with `require_answer=False` (an eval record's optional `label` b
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections import Counter
@@ -48,7 +47,7 @@ from typing import Any, Iterator, Literal
 from PIL import Image
 
 from mm15.base.data.sample import BOX_MARKER, Media, Sample, SampleError, Skip, Turn
-from mm15.base.data.sources import samples_from_rows
+from mm15.base.data.sources import load_json_file, samples_from_rows
 from mm15.data_builders.llava import parse_conversation
 
 log = logging.getLogger(__name__)
@@ -137,11 +136,7 @@ class FerretUISource:
             log.warning("%s: %s", self.path, dict(self.counts))
 
     def _read_file(self, file: str) -> Iterator[Sample | Skip]:
-        try:
-            with open(file, encoding="utf-8") as f:
-                rows = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file}: not valid JSON ({e.msg} at line {e.lineno})") from e
+        rows = load_json_file(file)
         if not isinstance(rows, list):
             raise ValueError(f"{file}: a Ferret-UI file is a JSON list of records, got {type(rows).__name__}")
         labelled = ((f"#{index}", row) for index, row in enumerate(rows))

@@ -21,14 +21,13 @@ using a single word or phrase." Each builder documents the layout it reads; bad 
 from __future__ import annotations
 
 import csv
-import json
 import re
 import string
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from mm15.base.data.sample import IMAGE_TOKEN, Media, Sample, SampleError, Skip, Turn
-from mm15.base.data.sources import samples_from_rows
+from mm15.base.data.sources import load_json_file, read_json_records, samples_from_rows
 
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 SHORT_ANSWER = "Answer the question using a single word or phrase."
@@ -60,10 +59,6 @@ def multiple_choice_sample(record_id: str, source: str, video: str, question: st
     turns = [Turn("user", text)] + ([Turn("assistant", letters[answer_index])] if answer_index is not None else [])
     meta = {**(meta or {}), "choices": options, "answer_index": answer_index, "num_choices": len(options)}
     return Sample(record_id, turns, [Media(video, kind="video")], task=task, source=source, meta=meta)
-
-
-def _load_json(path: str) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
 class ActivityNetQASource:
@@ -98,8 +93,8 @@ class ActivityNetQASource:
         return Sample(qid, turns, [Media(video, kind="video")], task=self.task, source=self.questions, meta=meta)
 
     def read(self) -> Iterator[Sample | Skip]:
-        answers = {str(a["question_id"]): a for a in _load_json(self.answers)} if self.answers else {}
-        rows = ((str(r.get("question_id", f"#{i}")), r) for i, r in enumerate(_load_json(self.questions)))
+        answers = {str(a["question_id"]): a for a in load_json_file(self.answers)} if self.answers else {}
+        rows = ((str(r.get("question_id", f"#{i}")), r) for i, r in enumerate(load_json_file(self.questions)))
         yield from samples_from_rows(rows, self.questions, lambda row, _: self.to_sample(row, answers),
                                      self.require_answer)
 
@@ -132,7 +127,7 @@ class NExTQASource:
                                       {"type": row.get("type")})
 
     def read(self) -> Iterator[Sample | Skip]:
-        paths = _load_json(self.video_map) if self.video_map else {}
+        paths = load_json_file(self.video_map) if self.video_map else {}
         with open(self.path, newline="", encoding="utf-8") as f:
             rows = [(f"line {k + 2}", row) for k, row in enumerate(csv.DictReader(f))]
         yield from samples_from_rows(rows, self.path, lambda row, _: self.to_sample(row, paths), self.require_answer)
@@ -163,8 +158,8 @@ class EgoSchemaSource:
                                       None if answer is None else int(answer), self.task)
 
     def read(self) -> Iterator[Sample | Skip]:
-        answers = _load_json(self.answers) if self.answers else {}
-        rows = ((str(r.get("q_uid", f"#{i}")), r) for i, r in enumerate(_load_json(self.questions)))
+        answers = load_json_file(self.answers) if self.answers else {}
+        rows = ((str(r.get("q_uid", f"#{i}")), r) for i, r in enumerate(load_json_file(self.questions)))
         yield from samples_from_rows(rows, self.questions, lambda row, _: self.to_sample(row, answers),
                                      self.require_answer)
 
@@ -186,14 +181,14 @@ class VideoMMESource:
         self.media_root = media_root if media_root is not None else str(Path(path).parent / "data")
         self.task, self.require_answer = task, require_answer
 
-    def rows(self) -> list[dict[str, Any]]:
+    def rows(self) -> list[dict[str, Any] | Skip]:
         if self.path.endswith(".parquet"):
             import pyarrow.parquet as pq  # optional dependency, only for the hub's parquet file
 
             return pq.read_table(self.path).to_pylist()
         if self.path.endswith(".jsonl"):
-            return [json.loads(line) for line in Path(self.path).read_text(encoding="utf-8").splitlines() if line.strip()]
-        data = _load_json(self.path)
+            return [row if isinstance(row, Skip) else row[1] for row in read_json_records(self.path)]
+        data = load_json_file(self.path)
         return [{**video, **q} for video in data for q in video["questions"]] if data and "questions" in data[0] else data
 
     def to_sample(self, row: dict[str, Any]) -> Sample:
@@ -206,5 +201,5 @@ class VideoMMESource:
                                       options, answer, self.task, meta)
 
     def read(self) -> Iterator[Sample | Skip]:
-        rows = ((str(r.get("question_id", f"#{i}")), r) for i, r in enumerate(self.rows()))
+        rows = (r if isinstance(r, Skip) else (str(r.get("question_id", f"#{i}")), r) for i, r in enumerate(self.rows()))
         yield from samples_from_rows(rows, self.path, lambda row, _: self.to_sample(row), self.require_answer)

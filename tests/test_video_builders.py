@@ -140,3 +140,17 @@ def test_videomme_parquet_when_pyarrow_is_installed(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "test-00000-of-00001.parquet")
     samples, _ = split(VideoMMESource(str(tmp_path / "test-00000-of-00001.parquet")).read())
     assert samples[0].answer == "B" and samples[0].meta["choices"] == ["x", "y", "z", "w"]
+
+
+def test_every_builder_names_file_line_and_column_of_invalid_json(tmp_path):
+    from mm15.base.data.sources import DataFileError
+
+    bad = tmp_path / "output_test_template.json"  # Video-MME's published template has trailing commas
+    bad.write_text('[\n  {"video_id": "001", "questions": [\n    {"question_id": "001-1",},\n  ]}\n]\n')
+    good = write_json(tmp_path / "good.json", [])
+    sources = [VideoMMESource(str(bad)), ActivityNetQASource(str(bad)), ActivityNetQASource(good, str(bad)),
+               EgoSchemaSource(str(bad)), EgoSchemaSource(good, str(bad)),
+               LlavaVideoJsonSource(str(bad)), VideoChat2Source(str(bad))]
+    for source in sources:
+        with pytest.raises(DataFileError, match=r"output_test_template.json: not valid JSON: .* at line 3, column 29"):
+            list(source.read())

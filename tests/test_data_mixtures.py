@@ -169,9 +169,13 @@ def test_draws_follow_shares_are_world_size_invariant_and_resume_exactly(tmp_pat
     assert dm2.draws.stream.draws_by_source() == {k: sum(i.startswith(k) for i in first) for k in "abc"}
 
 
-def test_resume_with_another_mixture_is_refused(tmp_path):
+def test_resume_with_another_mixture_or_process_count_is_refused(tmp_path):
     _, loader = _stream(_three_sources(tmp_path))
+    loader.dataset.note_batch()
     state = loader.state_dict()
+    _, two = _stream(_three_sources(tmp_path), world=2)
+    with pytest.raises(ValueError, match="written by 1 processes, this run has 2"):
+        two.load_state_dict(state)
     other = Mixture(sources=[SourceEntry(text_source(tmp_path / "a.jsonl", "a", 40))], epoch_samples=96)
     _, loader = _stream(other)
     with pytest.raises(ValueError, match="cannot resume the data position.*shares"):

@@ -251,7 +251,8 @@ class DrawStream(IterableDataset):
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "consumed_samples": self.consumed_batches * self.samples_per_round,
-                "seed": self.order.seed, "lanes": self.order.lanes, **self.fingerprint}
+                "seed": self.order.seed, "lanes": self.order.lanes, "num_replicas": self.num_replicas,
+                **self.fingerprint}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         now = {"seed": self.order.seed, "lanes": self.order.lanes, **self.fingerprint}
@@ -260,6 +261,11 @@ class DrawStream(IterableDataset):
                 raise ValueError(f"cannot resume the data position: the checkpoint's training data had {key}="
                                  f"{state[key]!r}, this run has {value!r}. Resume with the data config the checkpoint "
                                  "was trained with, or start a new run.")
+        if state.get("num_replicas", self.num_replicas) != self.num_replicas and state["consumed_samples"]:
+            raise ValueError(f"cannot resume the data position: the checkpoint was written by {state['num_replicas']} "
+                             f"processes, this run has {self.num_replicas}. The order of draws is the same at any "
+                             "process count, but Lightning counts an epoch's batches per process in its own loop "
+                             "state: resume with the same process count (or start a new run from the weights).")
         self.epoch = int(state["epoch"])
         self.consumed_batches = consumed_rounds(int(state["consumed_samples"]), self.micro_batch, self.num_replicas)
 

@@ -57,9 +57,9 @@ def llava_record_to_sample(row: Any, label: str, source: str, media_key: str = "
     """One LLaVA record -> a `Sample` (not yet validated: `samples_from_rows` does that)."""
     record_id = str(row.get("id", label)) if isinstance(row, dict) else label
     paths = row.get(media_key) if isinstance(row, dict) else None
-    paths = [] if paths is None else [paths] if isinstance(paths, str) else list(paths)
+    paths = [] if paths is None else paths if isinstance(paths, list) else [paths]  # not str(): 5 is no file name
     turns = parse_conversation(row, partial(SampleError, record_id, source), num_media=len(paths))
-    return Sample(record_id, turns, [Media(path=str(p), kind=kind) for p in paths], task=task, source=source)
+    return Sample(record_id, turns, [Media(path=p, kind=kind) for p in paths], task=task, source=source)
 
 
 class LlavaJsonSource:

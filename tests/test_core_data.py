@@ -130,3 +130,24 @@ def test_resolve_media_is_lexical_refuses_escapes_and_keeps_symlinks_inside(tmp_
     for bad in ("../disk2/x.png", str(elsewhere / "x.png"), "a/../../x.png"):
         with pytest.raises(SampleError, match="escapes the media root"):
             resolve_media(sample(bad), str(root))
+
+
+def test_non_string_media_paths_are_skips_naming_the_record(media):
+    from mm15.data_builders.video_instruct import LlavaVideoJsonSource
+
+    conv = _row(0)["conversations"]
+    llava = _llava_file(media / "l.jsonl", [_row(0), _row(1, image=5), _row(2, image=[7]), _row(3, image=[None]),
+                                            _row(4, image=[["a.png"]])])
+    canonical = media / "c.jsonl"
+    turns = [{"role": "user", "text": "<image> q"}, {"role": "assistant", "text": "a"}]
+    canonical.write_text("".join(json.dumps({"id": f"c{k}", "turns": turns, "media": [m]}) + "\n"
+                                 for k, m in enumerate([{"path": 5}, {"path": None}, {"path": ["x.png"]}, 3])))
+    video = _llava_file(media / "v.jsonl", [{"id": f"v{k}", "video": v, "conversations": conv}
+                                            for k, v in enumerate([5, [3], {"p": "x.mp4"}])])
+    dm = MM15DataModule(train=[LlavaJsonSource(llava), JsonlSource(str(canonical)), LlavaVideoJsonSource(video)],
+                        max_error_fraction=1.0, quarantine_file=str(media / "q.jsonl"))
+    assert [s.id for s in dm.read_split("train")] == ["r0"]
+    skips = {s.record_id: s for s in dm.quarantine.skips}
+    assert sorted(skips) == ["c0", "c1", "c2", "c3", "r1", "r2", "r3", "r4", "v0", "v1", "v2"]
+    for skip in skips.values():
+        assert "media path" in skip.reason and "not a string" in skip.reason, skip

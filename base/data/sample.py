@@ -120,9 +120,12 @@ class Sample:
         n_markers = sum(t.text.count(IMAGE_TOKEN) for t in self.turns)
         if n_markers != len(self.media):
             raise self.error(f"{n_markers} {IMAGE_TOKEN} markers but {len(self.media)} media items")
-        for m in self.media:
+        for k, m in enumerate(self.media):
             if m.kind not in ("image", "video"):
                 raise self.error(f"unknown media kind {m.kind!r}")
+            if not isinstance(m.path, str) or not m.path:  # an int or a list would crash path joining later
+                what = "empty" if m.path == "" else f"{type(m.path).__name__}, not a string"
+                raise self.error(f"media item {k}: media path {m.path!r} is {what}")
         return self
 
     def prompt_only(self) -> "Sample":
@@ -139,8 +142,7 @@ class Sample:
         record_id = str(row.get("id", "?")) if isinstance(row, dict) else "?"
         try:
             turns = [Turn(role=t["role"], text=t["text"], boxes=list(t.get("boxes") or [])) for t in row["turns"]]
-            media = [m if isinstance(m, str) else m for m in row.get("media") or []]
-            media = [Media(path=m) if isinstance(m, str) else Media(**m) for m in media]
+            media = [Media(**m) if isinstance(m, dict) else Media(path=m) for m in row.get("media") or []]
             return cls(
                 id=str(row["id"]),
                 turns=turns,

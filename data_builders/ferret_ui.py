@@ -22,6 +22,8 @@ turn; read them with `require_answer=False` (an eval record's optional `label` b
 * Platform (`meta["platform"]`, for the Ref-i / Ref-A / Grd-i / Grd-A averages): the record's own
   `platform` field if any, else `iphone`/`ios` or `android` in the file name or image path, else the
   `platform=` argument; Spotlight tasks (Rico screens) are Android. Otherwise `unknown`.
+* Screenshot path: one leading outside `media_root` (`..`, absolute elsewhere) skips the record
+  before any file is looked at (`mm15.base.data.sources.resolve_media_path`, the data module's check).
 * Screenshot size: the file is the truth. Ferret-UI normalises boxes by the declared `image_w` /
   `image_h`, so when those disagree with the file the boxes are rescaled from the declared frame to
   the file's (`size_mismatch="rescale"`; or `"skip"` the record), and the disagreement is counted.
@@ -47,7 +49,7 @@ from typing import Any, Iterator, Literal
 from PIL import Image
 
 from mm15.base.data.sample import BOX_MARKER, Media, Sample, SampleError, Skip, Turn
-from mm15.base.data.sources import load_json_file, samples_from_rows
+from mm15.base.data.sources import MediaEscape, load_json_file, resolve_media_path, samples_from_rows
 from mm15.data_builders.llava import parse_conversation
 
 log = logging.getLogger(__name__)
@@ -193,7 +195,10 @@ class FerretUISource:
         return width, height, (width / declared[0], height / declared[1])
 
     def _file_size(self, image: str, err) -> tuple[int, int]:
-        full = Path(self.media_root) / image
+        try:  # before any file-system call: a record must not make us stat or open files outside the root
+            full = Path(resolve_media_path(image, self.media_root))
+        except MediaEscape as e:
+            raise err(str(e)) from None
         if str(full) not in self._sizes:
             if not full.is_file():
                 raise err(f"screenshot not found: {full}")

@@ -207,3 +207,23 @@ def test_task_table_covers_every_published_task():
                  "widget_listing", "screen2words", "widgetcaptions", "taperception", "detailed_description",
                  "conversation_perception", "conversation_interaction", "function"]
     assert sorted(TASKS) == sorted(published)
+
+
+def test_paths_escaping_the_media_root_are_skipped_before_the_file_is_opened(tmp_path, monkeypatch):
+    from mm15.data_builders import ferret_ui
+
+    outside = tmp_path / "secret.png"
+    Image.new("RGB", (1170, 2532)).save(outside)
+    root = tmp_path / "data"
+    root.mkdir()
+    records = [grounding_record(1, image="../secret.png"), grounding_record(2, image=str(outside)),
+               grounding_record(3, image="sub/../../secret.png"), grounding_record(4)]
+    path = write(root, "find_text_train.json", records)
+    opened = []
+    real_open = ferret_ui.Image.open
+    monkeypatch.setattr(ferret_ui.Image, "open", lambda fp, *a, **k: opened.append(str(fp)) or real_open(fp, *a, **k))
+    samples, skips = read(path)
+    assert [s.meta["raw_id"] for s in samples] == [4]
+    assert [s.record_id for s in skips] == ["1", "2", "3"]
+    assert all("escapes the media root" in s.reason for s in skips)
+    assert opened == [str(root / "appstore_reminders.png")]  # the file outside was never opened

@@ -18,7 +18,6 @@ import collections
 import functools
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -31,7 +30,7 @@ from mm15.base.training.resumable import ResumableLoader, ResumableSampler, accu
 from mm15.base.data.sample import Sample, SampleError, Skip
 from mm15.base.data.drawn import TrainDraws, is_sharded
 from mm15.base.data.mixtures import Mixture
-from mm15.base.data.sources import SampleSource
+from mm15.base.data.sources import MediaEscape, SampleSource, resolve_media_path
 
 log = logging.getLogger(__name__)
 
@@ -126,24 +125,16 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-@functools.lru_cache(maxsize=64)
-def _media_base(root: str) -> str:
-    return os.path.realpath(root)
-
-
 def resolve_media(sample: Sample, root: str | None) -> Sample:
     """Make media paths absolute under `root`; a path escaping the root (`..`, or absolute
-    elsewhere) is refused. The check is lexical, on the normalised path: a symlink inside the root
-    (a dataset linked in from another disk) is followed when the file is opened, not refused here,
-    and no file-system call is made per record (millions of records load in seconds)."""
+    elsewhere) is refused (`mm15.base.data.sources.resolve_media_path`: lexical, no file-system call)."""
     if root is None:
         return sample
-    base = _media_base(root)
     for m in sample.media:
-        p = os.path.normpath(os.path.join(base, m.path))
-        if p != base and not p.startswith(base.rstrip(os.sep) + os.sep):
-            raise sample.error(f"media path {m.path!r} escapes the media root {base}")
-        m.path = p
+        try:
+            m.path = resolve_media_path(m.path, root)
+        except MediaEscape as e:
+            raise sample.error(str(e)) from None
     return sample
 
 

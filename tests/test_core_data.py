@@ -151,3 +151,23 @@ def test_non_string_media_paths_are_skips_naming_the_record(media):
     assert sorted(skips) == ["c0", "c1", "c2", "c3", "r1", "r2", "r3", "r4", "v0", "v1", "v2"]
     for skip in skips.values():
         assert "media path" in skip.reason and "not a string" in skip.reason, skip
+
+
+def test_a_processor_bug_propagates_while_a_bad_file_is_still_a_skip(media, monkeypatch):
+    from mm15.base.data.datamodule import process_sample
+
+    path = _llava_file(media / "d.jsonl", [_row(0), _row(1, image="truncated.png")])
+    good, corrupt = MM15DataModule(train=[LlavaJsonSource(path)]).read_split("train")
+    processor = _processor()
+
+    def bug(*args, **kwargs):
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
+
+    monkeypatch.setattr(processor, "build_messages", bug)
+    with pytest.raises(TypeError, match="unsupported operand"):  # a code bug is no budgeted "bad sample"
+        ProcessedDataset([good], processor, generate=False)[0]
+    skip = process_sample(processor, corrupt)
+    assert isinstance(skip, Skip) and skip.record_id == "r1" and "unreadable image" in skip.reason
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # ok.png (40 x 40) is now a decompression bomb
+    skip = process_sample(_processor(), good)
+    assert isinstance(skip, Skip) and "DecompressionBombError" in skip.reason and "ok.png" in skip.reason

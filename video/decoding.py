@@ -223,7 +223,7 @@ def _load_frame(path: Path, r: int, resize: ResizeMode) -> np.ndarray:
             size = fit_size(im.width, im.height, (r, r), resize)
             im.draft("RGB", size)  # JPEG: decode at 1/2, 1/4 or 1/8 scale when that still covers `size`
             return np.asarray(im.convert("RGB").resize(size, Image.BILINEAR))
-    except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
         raise VideoError(f"{path}: unreadable frame image ({type(e).__name__}: {e})") from None
 
 

@@ -167,12 +167,17 @@ class ProcessedDataset(Dataset):
 
 
 def process_sample(processor: MM15Processor, sample: Sample, generate: bool = False) -> dict[str, Any] | Skip:
-    """The processed sample, or the `Skip` saying why it cannot be used."""
+    """The processed sample, or the `Skip` saying why it cannot be used.
+
+    Only data errors become skips: `SampleError` (the loaders convert what bad files raise, e.g.
+    `load_rgb`, the video decoder) and `OSError` (a file that cannot be read, PIL's
+    `UnidentifiedImageError` included). Anything else (TypeError, KeyError, ...) is a bug in the
+    code and propagates rather than being counted as a bad sample."""
     try:
         return processor(sample, generate=generate)
     except SampleError as e:
         return e.as_skip("load")
-    except Exception as e:  # a bad file must not kill the run: recorded and budgeted
+    except OSError as e:  # a bad or unreadable file: recorded and budgeted
         return Skip(sample.id, sample.source, f"{type(e).__name__}: {e}", "load")
 
 

@@ -89,7 +89,7 @@ def load_rgb(path: str, sample: Sample, data: bytes | None = None) -> np.ndarray
             return np.asarray(im.convert("RGB"))
     except FileNotFoundError:
         raise sample.error(f"image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise sample.error(f"unreadable image {path}: {type(e).__name__}: {e}") from None
 
 

@@ -60,12 +60,14 @@ class VisionSpec(PartSpec):
 @dataclass
 class LLMSpec(PartSpec):
     """Args: router_aux_loss_weight: weight of the MoE load-balancing loss (MM1.5: 0.01); ignored
-    for dense models. attn_implementation: passed to transformers (`sdpa`, `eager`, ...).
+    for dense models. router_z_loss_weight: weight of the MoE router z-loss (MM1.5: 0.001; `router_z_loss`,
+    docs/reference.md, section 1). attn_implementation: passed to transformers (`sdpa`, `eager`, ...).
     loss_reduction: `token` (default: the mean over every target token of the batch, so a sample
     weighs by its answer length) or `sample` (the mean over each sample's target tokens, then over
     samples: a one-word answer weighs as much as a 15-token box) [choice; MM1.5 does not say]."""
 
     router_aux_loss_weight: float = 0.01
+    router_z_loss_weight: float = 0.001
     attn_implementation: str = "sdpa"
     loss_reduction: Literal["token", "sample"] = "token"
 
@@ -87,6 +89,7 @@ class MM15Output:
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     num_target_tokens: int = 0
+    router_z_loss: torch.Tensor | None = None
 
 
 def _config(part: PartSpec) -> Any:
@@ -264,12 +267,16 @@ class MM15Model(nn.Module):
         else:
             lm_loss = F.cross_entropy(logits, targets[keep])
         aux = self._router_aux_loss(out, attention_mask) if self._is_moe else None
+        z_loss = router_z_loss(getattr(out, "router_logits", None), attention_mask) if self._is_moe else None
         loss = lm_loss if aux is None else lm_loss + self.spec.llm.router_aux_loss_weight * aux
-        return MM15Output(loss=loss, lm_loss=lm_loss, aux_loss=aux, num_target_tokens=int(keep.sum()))
+        loss = loss if z_loss is None else loss + self.spec.llm.router_z_loss_weight * z_loss
+        return MM15Output(loss=loss, lm_loss=lm_loss, aux_loss=aux, num_target_tokens=int(keep.sum()),
+                          router_z_loss=z_loss)
 
     def _router_aux_loss(self, out: Any, attention_mask: torch.Tensor) -> torch.Tensor | None:
         router_logits = getattr(out, "router_logits", None)
-        balance = getattr(sys.modules[type(self.llm).__module__], "load_balancing_loss_func", None)
+        hf = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm  # under PEFT
+        balance = getattr(sys.modules[type(hf).__module__], "load_balancing_loss_func", None)
         if not router_logits or balance is None:
             return None
         cfg = self.llm.config
@@ -311,6 +318,19 @@ class MM15Model(nn.Module):
         model = cls.build(spec, tokenizer, crop_size, llm_kwargs)
         model.connector.load_state_dict(load_file(Path(directory) / "connector.safetensors"))
         return model, tokenizer, preprocessing
+
+
+def router_z_loss(router_logits: Any, attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+    """ST-MoE's router z-loss, as MM1.5 adds it (docs/reference.md, section 1): the mean over tokens,
+    of every MoE layer, of logsumexp(router logits)^2; padding left out. `router_logits`: one
+    (B * T, E) tensor per MoE layer (transformers' `output_router_logits`)."""
+    if not router_logits:
+        return None
+    logits = torch.cat([r.float() for r in router_logits], 0)  # (layers * B * T, E)
+    z = torch.logsumexp(logits, -1).square()
+    if attention_mask is not None:
+        z = z[attention_mask.reshape(-1).bool().repeat(len(router_logits))]
+    return z.mean()
 
 
 def placeholder_mismatch(n_placeholders: int, media_features: torch.Tensor | None,

@@ -40,7 +40,6 @@ turn; read them with `require_answer=False` (an eval record's optional `label` b
 from __future__ import annotations
 
 import logging
-import math
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -48,7 +47,7 @@ from typing import Any, Iterator, Literal
 
 from PIL import Image
 
-from mm15.base.data.sample import BOX_MARKER, Media, Sample, SampleError, Skip, Turn
+from mm15.base.data.sample import BOX_MARKER, Media, Sample, SampleError, Skip, Turn, region_problem
 from mm15.base.data.sources import MediaEscape, load_json_file, resolve_media_path, samples_from_rows
 from mm15.data_builders.llava import parse_conversation
 
@@ -229,17 +228,12 @@ def _turns(row: dict, err) -> list[Turn]:
 
 def _checked_box(box: Any, scale: tuple[float, float], width: int, height: int, err, turn: int,
                  counts: Counter) -> list[float]:
-    """Validate one `[x1, y1, x2, y2]`, map it to the file's frame and clip it to the screenshot."""
-    if not isinstance(box, list) or len(box) != 4:
-        n = len(box) if isinstance(box, list) else type(box).__name__
-        raise err(f"turn {turn}: box {box!r} has {n} coordinates, expected [x1, y1, x2, y2]")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box):
-        raise err(f"turn {turn}: box {box!r} has non-numeric coordinates")
+    """Validate one `[x1, y1, x2, y2]` (`region_problem`, the check of every source), map it to the
+    file's frame and clip it to the screenshot (Ferret-UI's `regulate_box`)."""
+    problem = region_problem(box, points=False)
+    if problem:
+        raise err(f"turn {turn}: box {box!r} {problem}")
     x1, y1, x2, y2 = box[0] * scale[0], box[1] * scale[1], box[2] * scale[0], box[3] * scale[1]
-    if x2 < x1 or y2 < y1:
-        raise err(f"turn {turn}: box {box!r} is inverted (x2 < x1 or y2 < y1)")
-    if x2 == x1 or y2 == y1:
-        raise err(f"turn {turn}: box {box!r} has zero area")
     clipped = [min(max(x1, 0), width), min(max(y1, 0), height), min(max(x2, 0), width), min(max(y2, 0), height)]
     if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
         raise err(f"turn {turn}: box {box!r} lies outside the {width}x{height} screenshot")

@@ -171,3 +171,32 @@ def test_a_processor_bug_propagates_while_a_bad_file_is_still_a_skip(media, monk
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # ok.png (40 x 40) is now a decompression bomb
     skip = process_sample(_processor(), good)
     assert isinstance(skip, Skip) and "DecompressionBombError" in skip.reason and "ok.png" in skip.reason
+
+
+def test_region_checks_apply_to_canonical_records_range_against_the_image(media):
+    turns = lambda box: [{"role": "user", "text": "<image> at <bbox_location0>?", "boxes": [box]},  # noqa: E731
+                         {"role": "assistant", "text": "yes"}]
+    boxes = {"ok": [1, 2, 30, 40], "point": [5, 5], "arity": [1, 2, 3], "inverted": [30, 2, 1, 40],
+             "flat": [1, 2, 1, 40], "text": [1, "2", 3, 4], "nan": [1, float("nan"), 3, 4], "scalar": 5,
+             "outside": [10, 10, 41, 20], "negative": [-1, 0, 5, 5], "far_point": [5, 90]}
+    path = media / "c.jsonl"
+    path.write_text("".join(json.dumps({"id": k, "turns": turns(b), "media": ["ok.png"]}) + "\n" for k, b in boxes.items()))
+    dm = MM15DataModule(train=[JsonlSource(str(path))], max_error_fraction=1.0)
+    samples = dm.read_split("train")
+    reasons = {s.record_id: s.reason for s in dm.quarantine.skips}
+    assert "has 3 coordinates" in reasons["arity"] and "is inverted" in reasons["inverted"]
+    assert "zero area" in reasons["flat"] and "non-numeric" in reasons["text"] and "non-numeric" in reasons["nan"]
+    assert "coordinates" in reasons["scalar"]
+    assert [s.id for s in samples] == ["ok", "point", "outside", "negative", "far_point"]
+    processed = {s.id: process_sample_of(s) for s in samples}  # range needs the image: 40 x 40
+    assert not isinstance(processed["ok"], Skip) and not isinstance(processed["point"], Skip)
+    for name in ("outside", "negative", "far_point"):
+        skip = processed[name]
+        assert isinstance(skip, Skip) and skip.record_id == name and "outside the 40x40 image" in skip.reason
+        assert "ok.png" in skip.reason
+
+
+def process_sample_of(sample):
+    from mm15.base.data.datamodule import process_sample
+
+    return process_sample(_processor(), sample)

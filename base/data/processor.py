@@ -33,7 +33,7 @@ from transformers import PreTrainedTokenizerBase
 
 from mm15.base.data.boxes import BoxCodec
 from mm15.base.data.media import CLIP_MEAN, CLIP_STD, MediaLayout
-from mm15.base.data.sample import BOX_MARKER, IGNORE_INDEX, IMAGE_TOKEN, Media, Sample, Skip
+from mm15.base.data.sample import BOX_MARKER, IGNORE_INDEX, IMAGE_TOKEN, Media, Sample, Skip, region_outside
 from mm15.base.data.splitting import SplitPlan, SplitSpec, split_image
 
 
@@ -146,6 +146,18 @@ class MM15Processor:
             messages.append({"role": turn.role, "content": text})
         return messages
 
+    def check_regions(self, sample: Sample, blocks: list[MediaBlock]) -> None:
+        """Every region lies on the first image (its range, known only once the image is read; arity and
+        orientation are `Sample.validate`'s), for every source alike."""
+        if not blocks:
+            return
+        size = blocks[0].layout.source_size
+        for k, turn in enumerate(sample.turns):
+            for i, box in enumerate(turn.boxes):
+                if region_outside(box, size):
+                    raise sample.error(f"turn {k}: region {i} {box!r} lies outside the {size[0]}x{size[1]} image "
+                                       f"{blocks[0].layout.path}")
+
     def render_regions(self, sample: Sample, text: str, boxes: list[list[float]], role: str,
                        size: tuple[int, int] | None, rng: random.Random) -> str:
         if not boxes:
@@ -169,6 +181,7 @@ class MM15Processor:
         if generate and sample.turns[-1].role == "assistant":
             sample = sample.prompt_only()
         blocks = [self.load_media(sample, k, m) for k, m in enumerate(sample.media)]
+        self.check_regions(sample, blocks)
         messages = self.build_messages(sample, blocks, has_regions)
         ids, labels = self.tokenize(messages, generate, sample)
         counts = [c for b in blocks for c in b.layout.placeholders]

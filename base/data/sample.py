@@ -13,7 +13,9 @@ Conventions
 * Regions: `Turn.boxes[i]` replaces the marker `<bbox_location{i}>` in that turn's text (Ferret-UI's
   convention). A region is `[x1, y1, x2, y2]` (box) or `[x, y]` (point) in pixels of the original
   first image of the sample. How it becomes text (canvas, rounding, box vs point for referring) is
-  the processor's business (`mm15.base.data.boxes.BoxCodec`), never the builder's.
+  the processor's business (`mm15.base.data.boxes.BoxCodec`), never the builder's. Arity, numbers
+  and orientation are checked by `Sample.validate` (`region_problem`), the range on the image by
+  the processor once the image is read (`region_outside`), for every source.
 * Labels: `IGNORE_INDEX` marks the positions of a tokenised sample that carry no target (prompt,
   media placeholders, padding); the processor writes it and the model's loss skips it.
 * `task` names the task for per-task metrics; `meta` carries free information a metric may need
@@ -25,6 +27,7 @@ Canonical JSONL: one `Sample.to_dict()` per line (see `Sample.from_dict` for the
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -35,6 +38,29 @@ ROLES = ("system", "user", "assistant")
 BOX_MARKER = re.compile(r"<bbox_location(\d+)>")
 
 MediaKind = Literal["image", "video"]
+
+
+def region_problem(region: Any, points: bool = True) -> str | None:
+    """What is wrong with one region (`[x1, y1, x2, y2]`, or `[x, y]` when `points`), or None:
+    arity, finite numeric coordinates, orientation (x2 > x1, y2 > y1). The one check every source
+    with regions goes through (`Sample.validate`; the Ferret-UI reader before its rescaling)."""
+    arities = (4, 2) if points else (4,)
+    if not isinstance(region, (list, tuple)) or len(region) not in arities:
+        n = len(region) if isinstance(region, (list, tuple)) else f"not a list of ({type(region).__name__})"
+        return f"has {n} coordinates, expected [x1, y1, x2, y2]" + (" or [x, y]" if points else "")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in region):
+        return "has non-numeric coordinates"
+    if len(region) == 4 and (region[2] < region[0] or region[3] < region[1]):
+        return "is inverted (x2 < x1 or y2 < y1)"
+    if len(region) == 4 and (region[2] == region[0] or region[3] == region[1]):
+        return "has zero area"
+    return None
+
+
+def region_outside(region: list[float], size: tuple[int, int]) -> bool:
+    """Whether a (checked) region leaves the `size` (width, height) image it is given in."""
+    w, h = size
+    return any(not 0 <= v <= (w if k % 2 == 0 else h) for k, v in enumerate(region))
 
 
 class SampleError(ValueError):
@@ -113,8 +139,9 @@ class Sample:
                     f"turn {k}: {len(turn.boxes)} boxes but region markers {sorted(set(markers))}"
                 )
             for i, box in enumerate(turn.boxes):
-                if len(box) not in (2, 4):
-                    raise self.error(f"turn {k}: region {i} has {len(box)} coordinates, expected 4 (box) or 2 (point)")
+                problem = region_problem(box)
+                if problem:
+                    raise self.error(f"turn {k}: region {i} {box!r} {problem}")
         if require_answer and self.answer is None:
             raise self.error("no assistant turn")
         n_markers = sum(t.text.count(IMAGE_TOKEN) for t in self.turns)

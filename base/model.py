@@ -75,7 +75,8 @@ class LLMSpec(PartSpec):
 @dataclass
 class ModelSpec:
     """The three parts plus the tokenizer (`tokenizer`: dir or hub name; default the LLM's; the
-    word `tiny` builds `mm15.base.tiny.tiny_tokenizer`, `tiny-words` the same with word merges)."""
+    word `tiny` builds `mm15.base.tiny.tiny_tokenizer`, `tiny-words` the same with word merges, `tiny:<family>`
+    one with that family's special tokens and chat template, `mm15.base.families`)."""
 
     vision: VisionSpec = field(default_factory=VisionSpec)
     llm: LLMSpec = field(default_factory=LLMSpec)
@@ -112,6 +113,10 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
         from mm15.base.tiny import TINY_WORDS, tiny_tokenizer
 
         tok = tiny_tokenizer(TINY_WORDS if spec.tokenizer == "tiny-words" else ())
+    elif spec.tokenizer and spec.tokenizer.startswith("tiny:"):
+        from mm15.base.families import family_tokenizer
+
+        tok = family_tokenizer(spec.tokenizer.removeprefix("tiny:"))
     else:
         source = spec.tokenizer or spec.llm.name_or_path
         if not source:

@@ -75,16 +75,26 @@ def _merges(alphabet: list[str], words: tuple[str, ...]) -> tuple[dict[str, int]
 
 
 def tiny_tokenizer(words: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    return byte_level_tokenizer(words, eos="<|im_end|>", pad="<|endoftext|>", specials=("<|im_start|>",),
+                                template=CHATML_TEMPLATE)
+
+
+def byte_level_tokenizer(words: tuple[str, ...], eos: str, template: str, pad: str | None = None,
+                         bos: str | None = None, specials: tuple[str, ...] = (),
+                         added: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with the given special tokens (`specials` after eos/pad/bos),
+    plain added tokens (`added`, e.g. Qwen3's `<think>`) and chat template (`mm15.base.families`
+    builds one per model family this way)."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab, merges = _merges(alphabet, words)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None, unk_token=None
-    )
-    fast.add_tokens(["<|im_start|>"], special_tokens=True)
-    fast.chat_template = CHATML_TEMPLATE
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=pad, bos_token=bos, unk_token=None)
+    fast.add_tokens(list(specials), special_tokens=True)
+    if added:
+        fast.add_tokens(list(added))
+    fast.chat_template = template
     return fast
 
 

@@ -32,6 +32,7 @@ from PIL import Image, UnidentifiedImageError
 from transformers import PreTrainedTokenizerBase
 
 from mm15.base.data.boxes import BoxCodec
+from mm15.base.data.chat import ChatTemplate, TemplateRefused
 from mm15.base.data.media import CLIP_MEAN, CLIP_STD, MediaLayout
 from mm15.base.data.sample import BOX_MARKER, IGNORE_INDEX, IMAGE_TOKEN, Media, Sample, Skip, region_outside
 from mm15.base.data.splitting import SplitPlan, SplitSpec, split_image
@@ -49,9 +50,12 @@ class PreprocessSpec:
         image_mean, image_std: the vision tower's normalisation (CLIP's by default).
         max_length: samples longer than this are skipped (never cut inside media tokens).
         system_prompt: prepended as a system turn when set; samples with regions get the box
-            codec's prompt when this is None.
+            codec's prompt when this is None. Templates without a system role get it at the start
+            of the first user turn (`mm15.base.data.chat`).
         boxes: region <-> text codec.
         seed: seeds the referring box/point draw (per sample, so workers agree).
+        chat_template_kwargs: extra variables for the tokenizer's chat template, e.g.
+            `{enable_thinking: false}` for Qwen3 / SmolLM3 replies without a thinking block.
     """
 
     split: SplitSpec = field(default_factory=SplitSpec)
@@ -63,6 +67,7 @@ class PreprocessSpec:
     system_prompt: str | None = None
     boxes: BoxCodec = field(default_factory=BoxCodec)
     seed: int = 0
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -101,6 +106,7 @@ class MM15Processor:
         if IMAGE_TOKEN not in tokenizer.get_vocab():
             raise ValueError(f"the tokenizer has no {IMAGE_TOKEN} token: load it with mm15.base.model.load_tokenizer")
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.chat = ChatTemplate(tokenizer, spec.chat_template_kwargs)
 
     # ----- hooks -------------------------------------------------------------------------------
     def load_media(self, sample: Sample, index: int, media: Media) -> MediaBlock:
@@ -144,7 +150,7 @@ class MM15Processor:
             pieces = text.split(IMAGE_TOKEN)
             text = pieces[0] + "".join(next(texts) + p for p in pieces[1:])
             messages.append({"role": turn.role, "content": text})
-        return messages
+        return self.chat.fit(messages)
 
     def check_regions(self, sample: Sample, blocks: list[MediaBlock]) -> None:
         """Every region lies on the first image (its range, known only once the image is read; arity and
@@ -203,24 +209,16 @@ class MM15Processor:
         }
 
     def tokenize(self, messages: list[dict[str, str]], generate: bool, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
-        """Chat template, rendered incrementally so each assistant reply (with its end token) is the
-        only text that carries labels."""
-        render = self.tokenizer.apply_chat_template
+        """Chat template; each assistant reply (with its end token) is the only text that carries
+        labels, for prefix-stable templates and others alike (`mm15.base.data.chat.ChatTemplate`)."""
         ids: list[int] = []
         labels: list[int] = []
-        done = ""
-        for k, msg in enumerate(messages):
-            if msg["role"] != "assistant":
-                continue
-            prompt = render(messages[:k], tokenize=False, add_generation_prompt=True)
-            full = render(messages[: k + 1], tokenize=False)
-            if not (prompt.startswith(done) and full.startswith(prompt)):
-                raise sample.error("chat template is not prefix-stable; cannot mask non-assistant tokens")
-            self._append(ids, labels, prompt[len(done):], target=False)
-            self._append(ids, labels, full[len(prompt):], target=True)
-            done = full
-        tail = render(messages, tokenize=False, add_generation_prompt=generate)
-        self._append(ids, labels, tail[len(done):], target=False)
+        try:
+            pieces = self.chat.segments(messages, generate)
+        except TemplateRefused as e:
+            raise sample.error(str(e)) from None
+        for text, target in pieces:
+            self._append(ids, labels, text, target)
         return np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)
 
     def _append(self, ids: list[int], labels: list[int], text: str, target: bool) -> None:

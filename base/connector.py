@@ -13,6 +13,10 @@ use it (docs/reference.md, section 1):
 
 `MLPConnector` is the LLaVA-1.5 2-layer MLP (one token per patch), the alternative.
 
+`SpatialVisionAggregator` (Cambrian-1, arXiv 2406.16860) reads the feature maps of several towers at
+once, and `PerceiverResampler` (AnyMAL, arXiv 2309.16058) gives a fixed number of latents per crop:
+both in `mm15.base.aggregators` (docs/reference.md, section 7), built from the same `ConnectorSpec`.
+
 `tokens_per_crop` is the one place that computes how many placeholder tokens an image, crop or frame
 gets; the processor writes that many placeholders and the model checks it against the features.
 """
@@ -30,22 +34,32 @@ from torch import nn
 @dataclass
 class ConnectorSpec:
     """Args:
-    kind: `c_abstractor` (MM1.5) or `mlp`.
+    kind: `c_abstractor` (MM1.5), `mlp`, `sva` (Cambrian-1's Spatial Vision Aggregator) or
+        `resampler` (AnyMAL's Perceiver resampler).
     num_tokens: M, tokens per image or crop for the C-Abstractor (a square: 144 = 12 x 12).
-    hidden_size: width of the RegStages (Honeybee/MM1: 1024).
-    depth: bottleneck blocks per RegStage (3).
+    hidden_size: width of the RegStages (Honeybee/MM1: 1024), of the SVA (Cambrian: 1024) and of the
+        resampler [choice: 1024].
+    depth: bottleneck blocks per RegStage (3); SVA layers (Cambrian: 3); resampler cross-attention
+        layers [choice: 3].
     se_ratio: squeeze-excitation ratio inside each bottleneck (0.25).
     pos_embed_std: init std of the learnable position embedding (Honeybee: 0.02). For from-scratch
         tiny towers 1.0 did well with one crop, but with splitting it gives every crop the same
         strong position pattern and 0.02 (the demo) did better (docs/experiments.md, 2026-11-30).
+        The SVA's window position embeddings and queries start with the same std.
+    num_heads: attention heads of the SVA and the resampler (Cambrian: 16).
+    query_grid: G, the SVA's G x G queries, one per window of every map (Cambrian: 24, 576 tokens).
+    num_latents: the resampler's latent queries, its tokens per crop (AnyMAL: 64 to 256).
     """
 
-    kind: Literal["c_abstractor", "mlp"] = "c_abstractor"
+    kind: Literal["c_abstractor", "mlp", "sva", "resampler"] = "c_abstractor"
     num_tokens: int = 144
     hidden_size: int = 1024
     depth: int = 3
     se_ratio: float = 0.25
     pos_embed_std: float = 0.02
+    num_heads: int = 16
+    query_grid: int = 24
+    num_latents: int = 64
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -142,14 +156,25 @@ class MLPConnector(nn.Module):
         return self.net(feats)  # (B, N, d_llm)
 
 
-def tokens_per_crop(spec: ConnectorSpec, crop_size: int, patch_size: int) -> int:
-    """Placeholder tokens for one image, crop or video frame of `crop_size` pixels."""
-    num_patches = (crop_size // patch_size) ** 2
-    return spec.num_tokens if spec.kind == "c_abstractor" else num_patches
+def tokens_per_crop(spec: ConnectorSpec, crop_size: int, patch_size: int, grid: int | None = None) -> int:
+    """Placeholder tokens for one image, crop or video frame of `crop_size` pixels. `grid`: the side
+    of the patch map the connector reads when it is not `crop_size // patch_size` (several towers
+    resized to one grid, `mm15.base.towers`)."""
+    num_patches = (grid or crop_size // patch_size) ** 2
+    fixed = {"c_abstractor": spec.num_tokens, "sva": spec.query_grid**2, "resampler": spec.num_latents}
+    return fixed.get(spec.kind, num_patches)
 
 
-CONNECTORS = {"c_abstractor": CAbstractor, "mlp": MLPConnector}
+def connector_class(kind: str) -> type[nn.Module]:
+    """The connector class of `ConnectorSpec.kind`. A class with `reads_maps = True` takes every tower's
+    feature map (a list of (C, N_i, C_i)); the others take one (C, N, C_enc) tensor."""
+    from mm15.base.aggregators import PerceiverResampler, SpatialVisionAggregator
+
+    return {"c_abstractor": CAbstractor, "mlp": MLPConnector, "sva": SpatialVisionAggregator,
+            "resampler": PerceiverResampler}[kind]
 
 
-def build_connector(spec: ConnectorSpec, vision_dim: int, llm_dim: int, num_patches: int) -> nn.Module:
-    return CONNECTORS[spec.kind](spec, vision_dim, llm_dim, num_patches)
+def build_connector(spec: ConnectorSpec, vision_dim: int | list[int], llm_dim: int,
+                    num_patches: int | list[int]) -> nn.Module:
+    """`vision_dim`, `num_patches`: per tower (lists) for a connector that reads maps, else one each."""
+    return connector_class(spec.kind)(spec, vision_dim, llm_dim, num_patches)

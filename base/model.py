@@ -16,10 +16,16 @@ positions (`image_token_id`) of `input_ids` in order, K x M vectors: (C, tokens_
 `encode_media`, or (1, L, D) when a variant pools them (video SlowFast). `layouts` (per sample, one
 `mm15.base.data.media.MediaLayout` per media item) are optional; given, a placeholder mismatch
 names what each item expected.
+
+Several towers at once (Cambrian-1, docs/reference.md, section 7) are `vision.towers`, each read at its
+own resolution (`mm15.base.towers.VisionTowers`):
+
+    vision=VisionSpec(towers=[TowerSpec("google/siglip-so400m-patch14-384"), TowerSpec("facebook/dinov2-large")])
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import asdict, dataclass, field
@@ -32,8 +38,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from mm15.base.connector import ConnectorSpec, build_connector, tokens_per_crop
+from mm15.base.connector import ConnectorSpec, build_connector, connector_class, tokens_per_crop
 from mm15.base.data.sample import IGNORE_INDEX, IMAGE_TOKEN
+from mm15.base.towers import VisionTowers, common_grid, concat_on_grid, patch_tokens, tower_hidden_states, tower_sides
 
 if TYPE_CHECKING:
     from mm15.base.data.media import MediaLayout
@@ -51,10 +58,31 @@ class PartSpec:
 
 
 @dataclass
-class VisionSpec(PartSpec):
-    """Args: feature_layer: hidden state the connector reads (-2: second to last, as LLaVA/MM1)."""
+class TowerSpec(PartSpec):
+    """One of several towers (`VisionSpec.towers`). Args: feature_layer: as `VisionSpec`'s.
+    resolution: pixels each crop is resized to for this tower (None: the tower's native size, as
+    Cambrian-1 feeds each encoder)."""
 
     feature_layer: int = -2
+    resolution: int | None = None
+
+
+@dataclass
+class VisionSpec(PartSpec):
+    """Args: feature_layer: hidden state the connector reads (-2: second to last, as LLaVA/MM1).
+    towers: several towers at once instead of one (Cambrian-1): the connector gets every tower's map
+        (`connector.kind: sva`) or the maps resized to one `grid` and concatenated along channels (any
+        other kind). With `towers`, `name_or_path` may name a directory written by `save_pretrained`
+        (one `tower_<i>/` each), which then replaces each tower's own `name_or_path` / `config`.
+    grid: side of the common token grid of concatenated maps (None: the smallest tower map).
+    """
+
+    feature_layer: int = -2
+    towers: list[TowerSpec] = field(default_factory=list)
+    grid: int | None = None
+
+    def __post_init__(self) -> None:  # saved specs hold plain dicts
+        self.towers = [t if isinstance(t, TowerSpec) else TowerSpec(**t) for t in self.towers]
 
 
 @dataclass
@@ -145,29 +173,52 @@ def _load_vision(spec: VisionSpec) -> nn.Module:
     return AutoModel.from_config(cfg)
 
 
-def truncate_vision(vision: nn.Module, spec: VisionSpec) -> VisionSpec:
+def tower_parts(spec: VisionSpec) -> list[TowerSpec]:
+    """The towers of a several-tower spec, each read from `<spec.name_or_path>/tower_<i>` when set."""
+    if not spec.name_or_path:
+        return list(spec.towers)
+    return [dataclasses.replace(t, name_or_path=str(Path(spec.name_or_path) / f"tower_{i}"), config=None)
+            for i, t in enumerate(spec.towers)]
+
+
+def _load_towers(spec: VisionSpec) -> VisionTowers:
+    parts = tower_parts(spec)
+    return VisionTowers([_load_vision(t) for t in parts], [t.resolution for t in parts], [t.feature_layer for t in parts])
+
+
+def truncate_vision(vision: nn.Module, spec: VisionSpec | TowerSpec) -> VisionSpec | TowerSpec:
     """Drop the encoder layers after `feature_layer` (they would run and never get a gradient).
 
     Returns the spec to save: the truncated tower's last hidden state is the feature layer (-1).
-    Towers without an `encoder.layers` list are left whole.
+    Towers without an `encoder.layers` (DINOv2: `encoder.layer`) list are left whole.
     """
+    if isinstance(vision, VisionTowers):
+        towers = [truncate_vision(t, s) for t, s in zip(vision.towers, spec.towers)]
+        vision.feature_layers = [t.feature_layer for t in towers]
+        return dataclasses.replace(spec, towers=towers)
     encoder = getattr(getattr(vision, "vision_model", vision), "encoder", None)
-    layers = getattr(encoder, "layers", None)
+    name = "layers" if isinstance(getattr(encoder, "layers", None), nn.ModuleList) else "layer"
+    layers = getattr(encoder, name, None)
     if spec.feature_layer >= -1 or not isinstance(layers, nn.ModuleList):
         return spec
     keep = len(layers) + 1 + spec.feature_layer
-    encoder.layers = layers[:keep]
+    setattr(encoder, name, layers[:keep])
     vision.config.num_hidden_layers = keep
-    return VisionSpec(spec.name_or_path, spec.config and {**spec.config, "num_hidden_layers": keep}, feature_layer=-1)
+    if hasattr(vision.config, "stage_names"):  # a backbone config (DINOv2): its stages follow the layers
+        vision.config.stage_names = ["stem"] + [f"stage{i}" for i in range(1, keep + 1)]
+        vision.config.set_output_features_output_indices(out_features=None, out_indices=None)
+    return dataclasses.replace(spec, config=spec.config and {**spec.config, "num_hidden_layers": keep}, feature_layer=-1)
 
 
 def freeze_unused_vision(vision: nn.Module, feature_layer: int) -> list[str]:
     """Probe the tower with a 2x2-patch input; parameters that get no gradient (a CLIP
-    `post_layernorm`, a SigLIP pooling `head`) are frozen so DDP/FSDP never wait on them."""
+    `post_layernorm`, a SigLIP pooling `head`, a DINOv2 `layernorm`) are frozen so DDP/FSDP never
+    wait on them. Several towers: each at its own feature layer."""
+    if isinstance(vision, VisionTowers):
+        return [n for t, layer in zip(vision.towers, vision.feature_layers) for n in freeze_unused_vision(t, layer)]
     size = 2 * vision.config.patch_size
     with torch.enable_grad():  # also when the model is built for inference under `torch.no_grad()`
-        out = vision(pixel_values=torch.zeros(1, 3, size, size), output_hidden_states=True, interpolate_pos_encoding=True)
-        out.hidden_states[feature_layer].sum().backward()
+        tower_hidden_states(vision, torch.zeros(1, 3, size, size))[feature_layer].sum().backward()
     unused = [n for n, p in vision.named_parameters() if p.requires_grad and p.grad is None]
     for n, p in vision.named_parameters():
         p.grad = None
@@ -197,34 +248,43 @@ class MM15Model(nn.Module):
         self.llm = llm
         self.image_token_id = image_token_id
         self.crop_size = crop_size
-        self.patch_size = vision.config.patch_size
-        self.tokens_per_crop = tokens_per_crop(spec.connector, crop_size, self.patch_size)
+        towers = vision.towers if isinstance(vision, VisionTowers) else [vision]
+        self.patch_size = towers[0].config.patch_size
+        self.grid = connector_grid(spec, [t.config for t in towers], crop_size)
+        self.tokens_per_crop = tokens_per_crop(spec.connector, crop_size, self.patch_size, self.grid)
+        check_context(spec.connector, self.tokens_per_crop, getattr(llm.config, "max_position_embeddings", None))
         self._is_moe = hasattr(llm.config, "router_aux_loss_coef") or hasattr(llm.config, "output_router_logits")
 
     @classmethod
     def build(cls, spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, crop_size: int,
               llm_kwargs: dict[str, Any] | None = None) -> "MM15Model":
-        vision = _load_vision(spec.vision)
+        vision = _load_towers(spec.vision) if spec.vision.towers else _load_vision(spec.vision)
         spec = ModelSpec(truncate_vision(vision, spec.vision), spec.llm, spec.connector, spec.tokenizer)
         freeze_unused_vision(vision, spec.vision.feature_layer)
         llm = _load_llm(spec.llm, llm_kwargs)
         if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
             llm.resize_token_embeddings(len(tokenizer))
-        vcfg = vision.config
-        num_patches = (crop_size // vcfg.patch_size) ** 2
-        connector = build_connector(spec.connector, vcfg.hidden_size, llm.config.hidden_size, num_patches)
+        towers = vision.towers if isinstance(vision, VisionTowers) else [vision]
+        dims = [t.config.hidden_size for t in towers]
+        sides = vision.sides if isinstance(vision, VisionTowers) else [crop_size // vision.config.patch_size]
+        if getattr(connector_class(spec.connector.kind), "reads_maps", False):
+            connector = build_connector(spec.connector, dims, llm.config.hidden_size, [s * s for s in sides])
+        else:
+            grid = connector_grid(spec, [t.config for t in towers], crop_size)
+            connector = build_connector(spec.connector, sum(dims), llm.config.hidden_size, grid * grid)
         return cls(spec, vision, connector, llm, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), crop_size)
 
     # ----- media -----------------------------------------------------------------------------
     def encode_media(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(C, 3, r, r) crops -> (C, tokens_per_crop, d_llm) LLM-space tokens."""
-        interpolate = pixel_values.shape[-1] != self.vision.config.image_size
-        out = self.vision(pixel_values=pixel_values, output_hidden_states=True, interpolate_pos_encoding=interpolate)
-        feats = out.hidden_states[self.spec.vision.feature_layer]  # (C, N[+1], C_enc)
-        side = pixel_values.shape[-1] // self.patch_size
-        if feats.shape[1] == side * side + 1:  # drop CLS
-            feats = feats[:, 1:]
-        return self.connector(feats)
+        if self.spec.vision.towers:
+            maps = self.vision(pixel_values)  # [(C, s_i^2, C_i)], each tower at its own resolution
+        else:
+            hidden = tower_hidden_states(self.vision, pixel_values)[self.spec.vision.feature_layer]  # (C, N[+1], C_enc)
+            maps = [patch_tokens(hidden, pixel_values.shape[-1] // self.patch_size)]  # CLS dropped
+        if getattr(self.connector, "reads_maps", False):
+            return self.connector(maps)
+        return self.connector(maps[0] if len(maps) == 1 else concat_on_grid(maps, self.grid))
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
               media_features: torch.Tensor | None = None,
@@ -336,6 +396,35 @@ def router_z_loss(router_logits: Any, attention_mask: torch.Tensor | None = None
     if attention_mask is not None:
         z = z[attention_mask.reshape(-1).bool().repeat(len(router_logits))]
     return z.mean()
+
+
+def connector_grid(spec: ModelSpec, tower_configs: list[Any], crop_size: int) -> int | None:
+    """Side of the patch map a one-map connector reads: the tower's at `crop_size`, or for several
+    towers the common grid they are resized to; None for a connector that reads every map (SVA)."""
+    if getattr(connector_class(spec.connector.kind), "reads_maps", False):
+        if spec.vision.towers:
+            tower_sides(tower_configs, [t.resolution for t in spec.vision.towers])  # refuse off-grid resolutions
+        return None
+    if not spec.vision.towers:
+        return crop_size // tower_configs[0].patch_size
+    return common_grid(tower_sides(tower_configs, [t.resolution for t in spec.vision.towers]), spec.vision.grid)
+
+
+def crop_tokens(spec: ModelSpec, crop_size: int) -> int:
+    """`tokens_per_crop` of a model spec, from the part configs alone (no weights loaded)."""
+    configs = [vision_config(t) for t in tower_parts(spec.vision)] if spec.vision.towers else [vision_config(spec.vision)]
+    return tokens_per_crop(spec.connector, crop_size, configs[0].patch_size, connector_grid(spec, configs, crop_size))
+
+
+CONTEXT_FIELDS = {"c_abstractor": "connector.num_tokens", "sva": "connector.query_grid",
+                  "resampler": "connector.num_latents", "mlp": "the crop size (or take a fixed-count connector)"}
+
+
+def check_context(spec: ConnectorSpec, per_crop: int, context: int | None) -> None:
+    """Refuse a connector whose tokens for one crop do not fit in the LLM's context."""
+    if context and per_crop > context:
+        raise ValueError(f"the {spec.kind} connector gives {per_crop} tokens per crop, more than the LLM's context of "
+                         f"{context} positions (max_position_embeddings): lower {CONTEXT_FIELDS[spec.kind]}")
 
 
 def placeholder_mismatch(n_placeholders: int, media_features: torch.Tensor | None,

@@ -42,9 +42,8 @@ from mm15.base.training import checkpointing as ckpt
 from mm15.base.training.adapters import LoraSpec, QuantSpec, apply_lora, check_quantization, weight_fingerprint
 from mm15.base.training.adapters import load_llm_adapter, read_adapter_meta, read_adapter_spec
 from mm15.base.training.plots import LossCurves
-from mm15.base.connector import tokens_per_crop
 from mm15.base.metrics import exact_match_by_task, format_table
-from mm15.base.model import MM15Model, ModelSpec, load_tokenizer, read_saved_spec, vision_config
+from mm15.base.model import MM15Model, ModelSpec, crop_tokens, load_tokenizer, read_saved_spec
 from mm15.base.data.processor import MM15Processor, PreprocessSpec
 from mm15.base.data.sample import IGNORE_INDEX
 from mm15.base.specs import diff_specs, from_dict
@@ -111,7 +110,7 @@ class MM15Module(pl.LightningModule):
         preprocessing = self._resolve_preprocessing(preprocessing, saved)
         crop_size = preprocessing.split.crop_size
         tokenizer = load_tokenizer(self.model_spec)
-        per_crop = tokens_per_crop(self.model_spec.connector, crop_size, vision_config(self.model_spec.vision).patch_size)
+        per_crop = crop_tokens(self.model_spec, crop_size)
         self.processor = self.build_processor(tokenizer, preprocessing, per_crop)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler

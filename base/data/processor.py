@@ -106,6 +106,10 @@ class MM15Processor:
         if IMAGE_TOKEN not in tokenizer.get_vocab():
             raise ValueError(f"the tokenizer has no {IMAGE_TOKEN} token: load it with mm15.base.model.load_tokenizer")
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if tokens_per_crop > spec.max_length:
+            raise ValueError(f"each crop takes {tokens_per_crop} placeholder tokens, more than preprocessing.max_length "
+                             f"{spec.max_length}, so every sample with media would be skipped: raise max_length or "
+                             "lower the connector's tokens per crop")
         self.chat = ChatTemplate(tokenizer, spec.chat_template_kwargs)
 
     # ----- hooks -------------------------------------------------------------------------------

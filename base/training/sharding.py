@@ -2,7 +2,8 @@
 
 FSDP2 (`torch.distributed.fsdp.fully_shard`) runs through Lightning's `ModelParallelStrategy`; the
 module shards itself in `configure_model` (see `MM15Module.configure_model`). Units, innermost
-first: every transformer block of the tower and of the LLM, the connector, and the root `MM15Model`
+first: every transformer block of the tower(s) and of the LLM, each layer of an attention connector
+(SVA, resampler: its `layers`), the connector, and the root `MM15Model`
 (token embeddings, LM head, final norm, the tower's patch embedding and norms). Frozen and trainable parameters
 may share a unit (FSDP2 reduces gradients only for parameters that require them), which is what
 LoRA needs: the frozen base weight and its adapter live in the same block.
@@ -67,12 +68,20 @@ def shard_model(model: nn.Module, mesh: Any, precision: str = "32-true", reshard
     # The tower itself is not a unit: `fully_shard` changes a module's class, and transformers v5
     # looks up which outputs a model can record (`output_hidden_states`) by class name, so a sharded
     # `CLIPVisionModel` returns no hidden states. Its embeddings and norms join the root instead.
+    for layer in connector_layers(model.connector):
+        fully_shard(layer, **kwargs)
     fully_shard(model.connector, **kwargs)
     fully_shard(model, **kwargs)
     # The module encodes media before calling the model, and generates through `generate`: both
     # must run the root's all-gather (and lazy init) first, as `forward` does.
     for method in ("encode_media", "generate"):
         register_fsdp_forward_method(model, method)
+
+
+def connector_layers(connector: nn.Module) -> list[nn.Module]:
+    """The repeated layers of an attention connector (`mm15.base.aggregators`), each its own unit."""
+    layers = getattr(connector, "layers", None)
+    return list(layers) if isinstance(layers, nn.ModuleList) else []
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
@@ -92,14 +101,17 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
 def fsdp1_auto_wrap_policy(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
     """`auto_wrap_policy` for Lightning's `FSDPStrategy` (FSDP1, CUDA): one unit per transformer
-    block and one for the connector, the rest in the root unit, as `shard_model` does for FSDP2."""
+    block, one per attention-connector layer and one for the connector, the rest in the root unit, as
+    `shard_model` does for FSDP2."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
+    from mm15.base.aggregators import PerceiverResampler, ResamplerLayer, SpatialVisionAggregator, SVALayer
     from mm15.base.connector import CAbstractor, MLPConnector
 
     if recurse:
         return True
-    return isinstance(module, (GradientCheckpointingLayer, CAbstractor, MLPConnector))
+    return isinstance(module, (GradientCheckpointingLayer, CAbstractor, MLPConnector, SpatialVisionAggregator,
+                               PerceiverResampler, SVALayer, ResamplerLayer))
 
 
 class FSDP2Strategy(ModelParallelStrategy):

@@ -159,7 +159,9 @@ def weight_fingerprint(module: nn.Module, only_frozen: bool = True) -> dict[str,
 def _base_name(name: str) -> str:
     """`base_model.model.model.layers.0.q_proj.base_layer.weight` -> `model.layers.0.q_proj.weight`."""
     name = name.removeprefix("base_model.model.")
-    return name.replace(".base_layer.", ".")
+    while ".base_layer." in name:  # nested: PEFT wraps each fused MoE expert parameter in turn
+        name = name.replace(".base_layer.", ".")
+    return name
 
 
 def fingerprint_mismatches(expected: dict[str, list[float]], actual: dict[str, list[float]]) -> list[str]:

@@ -133,3 +133,22 @@ def test_collate_keeps_the_layouts_per_sample_in_crop_order(processor, image, tm
     assert [x.grid for x in batch["layouts"][2]] == [(3, 1), (1, 2)]
     assert sum(x.crops for sample in batch["layouts"] for x in sample) == batch["pixel_values"].shape[0] == 3 + 4 + 3
     assert "image_sizes" not in batch and "media_infos" not in batch
+
+
+def test_pixel_caps_skip_from_the_header_before_decoding(processor, image, monkeypatch):
+    from PIL import ImageFile
+
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda im: decoded.append(im.filename) or real_load(im))
+    two = Sample("s2", [Turn("user", "<image><image>\nSame?"), Turn("assistant", "yes")], [Media(image), Media(image)])
+    processor.spec.max_image_pixels = 2048  # the image is 64 x 32 = 2048 pixels: at the cap, accepted
+    processor.spec.max_sample_pixels = 4095  # two of them are not
+    processor(_sample(image))
+    decoded.clear()
+    with pytest.raises(SampleError, match=r"record 's2'.*2 images of 4096 pixels in all.*max_sample_pixels 4095"):
+        processor(two)
+    processor.spec.max_image_pixels = 2047
+    with pytest.raises(SampleError, match=r"record 's1'.*img.png is 64x32 = 2048 pixels.*max_image_pixels 2047"):
+        processor(_sample(image))
+    assert decoded == []  # refused from the header: no pixel data was decoded

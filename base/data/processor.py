@@ -56,6 +56,10 @@ class PreprocessSpec:
         seed: seeds the referring box/point draw (per sample, so workers agree).
         chat_template_kwargs: extra variables for the tokenizer's chat template, e.g.
             `{enable_thinking: false}` for Qwen3 / SmolLM3 replies without a thinking block.
+        max_image_pixels, max_sample_pixels: width x height caps on one image and on all images of
+            a sample, checked from the file headers before anything is decoded (None: no cap); a
+            sample over either is skipped naming the file and the sizes. Videos are resized while
+            decoding and have no cap here.
     """
 
     split: SplitSpec = field(default_factory=SplitSpec)
@@ -68,6 +72,8 @@ class PreprocessSpec:
     boxes: BoxCodec = field(default_factory=BoxCodec)
     seed: int = 0
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    max_image_pixels: int | None = 64_000_000  # 8000 x 8000
+    max_sample_pixels: int | None = 256_000_000
 
 
 @dataclass
@@ -86,16 +92,32 @@ class MediaBlock:
                              f"{self.layout.describe()}")
 
 
+IMAGE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
 def load_rgb(path: str, sample: Sample, data: bytes | None = None) -> np.ndarray:
     """Decode an image file (or its bytes, `data`) to (H, W, 3) uint8; a clear `SampleError` on any failure."""
     try:
         with Image.open(io.BytesIO(data) if data is not None else path) as im:
             im.load()
             return np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise sample.error(f"image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise sample.error(f"unreadable image {path}: {type(e).__name__}: {e}") from None
+    except IMAGE_ERRORS as e:
+        raise _image_error(e, path, sample) from None
+
+
+def image_header_size(path: str, sample: Sample, data: bytes | None = None) -> tuple[int, int]:
+    """(width, height) from the image's header (`Image.open` decodes nothing until `load`)."""
+    try:
+        with Image.open(io.BytesIO(data) if data is not None else path) as im:
+            return im.size
+    except IMAGE_ERRORS as e:
+        raise _image_error(e, path, sample) from None
+
+
+def _image_error(e: Exception, path: str, sample: Sample) -> Exception:
+    if isinstance(e, FileNotFoundError):
+        return sample.error(f"image file not found: {path}")
+    return sample.error(f"unreadable image {path}: {type(e).__name__}: {e}")
 
 
 class MM15Processor:
@@ -156,6 +178,22 @@ class MM15Processor:
             messages.append({"role": turn.role, "content": text})
         return self.chat.fit(messages)
 
+    def check_pixel_caps(self, sample: Sample) -> None:
+        """`max_image_pixels` and `max_sample_pixels` from the headers of the sample's images, before
+        any is decoded (PIL's own decompression-bomb guard is far larger and per image only)."""
+        spec, total, images = self.spec, 0, [m for m in sample.media if m.kind == "image"]
+        if spec.max_image_pixels is None and spec.max_sample_pixels is None or not images:
+            return
+        for m in images:
+            w, h = image_header_size(m.path, sample, m.data)
+            if spec.max_image_pixels is not None and w * h > spec.max_image_pixels:
+                raise sample.error(f"image {m.path} is {w}x{h} = {w * h} pixels, over max_image_pixels "
+                                   f"{spec.max_image_pixels}; skipped before decoding")
+            total += w * h
+        if spec.max_sample_pixels is not None and total > spec.max_sample_pixels:
+            raise sample.error(f"{len(images)} images of {total} pixels in all ({', '.join(m.path for m in images)}), "
+                               f"over max_sample_pixels {spec.max_sample_pixels}; skipped before decoding")
+
     def check_regions(self, sample: Sample, blocks: list[MediaBlock]) -> None:
         """Every region lies on the first image (its range, known only once the image is read; arity and
         orientation are `Sample.validate`'s), for every source alike."""
@@ -190,6 +228,7 @@ class MM15Processor:
         has_regions = any(t.boxes for t in sample.turns)  # same system prompt in training and generation
         if generate and sample.turns[-1].role == "assistant":
             sample = sample.prompt_only()
+        self.check_pixel_caps(sample)
         blocks = [self.load_media(sample, k, m) for k, m in enumerate(sample.media)]
         self.check_regions(sample, blocks)
         messages = self.build_messages(sample, blocks, has_regions)

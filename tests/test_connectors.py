@@ -4,7 +4,6 @@ count function, save/load, FSDP2 / FSDP1 units, and bad input named with what to
 
 from __future__ import annotations
 
-import os
 import socket
 
 import pytest
@@ -120,7 +119,7 @@ def test_concatenation_grid_is_configurable():
     assert model.connector.pos_embed.shape == (1, 16, 32 + 24 + 16)  # 4 x 4 grid, channels of all three
 
 
-def test_fsdp2_units_cover_tower_blocks_connector_layers_and_connector():
+def test_fsdp2_units_cover_tower_blocks_connector_layers_and_connector(monkeypatch):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule
 
@@ -131,7 +130,8 @@ def test_fsdp2_units_cover_tower_blocks_connector_layers_and_connector():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # a one-process gloo group, torn down below
+    monkeypatch.setenv("MASTER_PORT", str(port))
     torch.distributed.init_process_group("gloo", rank=0, world_size=1)
     try:
         shard_model(model, init_device_mesh("cpu", (1,)))
@@ -222,3 +222,26 @@ def test_anymal_alignment_config_trains_only_the_resampler_and_needs_cuda_for_it
     module = _stage_module("align_resampler.yaml", tmp_path, model=tiny, quantization=None)
     assert {n.split(".")[0] for n, p in module.model.named_parameters() if p.requires_grad} == {"connector"}
     assert module.processor.tokens_per_crop == 4
+
+
+def test_several_towers_take_lora_and_activation_checkpointing(tmp_path):
+    from mm15.base.training.adapters import LoraSpec, apply_lora
+    from mm15.base.training.sharding import enable_activation_checkpointing
+
+    spec = several_towers(ConnectorSpec(kind="sva", hidden_size=16, depth=1, num_heads=2, query_grid=2))
+    tok = load_tokenizer(spec)
+    model = apply_lora(MM15Model.build(spec, tok, crop_size=32), LoraSpec(r=2, init="random", vision_target_modules=["q_proj"]))
+    enable_activation_checkpointing(model)
+    assert all(t.is_gradient_checkpointing for t in model.vision.get_base_model().towers)
+    pixels = torch.randn(2, 3, 32, 32)
+    model.train()
+    model.encode_media(pixels).sum().backward()
+    adapted = [n for n, p in model.vision.named_parameters() if "lora_" in n]
+    assert adapted and all(p.grad is not None for n, p in model.vision.named_parameters() if "lora_" in n)
+    model.eval()
+    with torch.no_grad():
+        before = model.encode_media(pixels)
+        model.vision = model.vision.merge_and_unload()
+        torch.testing.assert_close(model.encode_media(pixels), before, atol=1e-5, rtol=1e-5)
+    model.vision.save_pretrained(tmp_path / "vision")
+    assert (tmp_path / "vision" / "tower_1" / "model.safetensors").exists()

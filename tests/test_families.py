@@ -35,7 +35,7 @@ CONNECTORS = {
 }
 TOWER_NAMES = list(TOWERS)
 LLM_NAMES = list(FAMILIES)
-# Default run: LLM i with tower i mod 4 and connector i mod 4 (the lists are coprime-free: 9 LLMs, 4 towers).
+# Default run: LLM i with tower i mod 4 and connector i mod 4 (9 LLMs: every tower and connector twice or more).
 DEFAULT = [(TOWER_NAMES[i % 4], llm, list(CONNECTORS)[i % 4]) for i, llm in enumerate(LLM_NAMES)]
 
 

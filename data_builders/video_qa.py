@@ -24,7 +24,8 @@ import csv
 import re
 import string
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from functools import partial
+from typing import Any, Callable, Iterable, Iterator
 
 from mm15.base.data.sample import IMAGE_TOKEN, Media, Sample, SampleError, Skip, Turn
 from mm15.base.data.sources import load_json_file, read_json_records, samples_from_rows
@@ -35,14 +36,15 @@ VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov")
 _OPTION_PREFIX = re.compile(r"^\s*\(?[A-Z][.):]\s*")
 
 
-def find_video(root: str | None, stem: str, extensions: Iterable[str] = VIDEO_EXTENSIONS) -> str:
-    """`stem` + the first extension that exists under `root` (`stem` + the first one otherwise,
-    so the loader reports the missing file)."""
+def find_video(root: str, stem: str, error: Callable[[str], SampleError],
+               extensions: Iterable[str] = VIDEO_EXTENSIONS) -> str:
+    """`stem` + the first extension that exists under `root`; `error(reason)` (the record's
+    `SampleError`) when none does: a builder never guesses a file name."""
     extensions = list(extensions)
     for ext in extensions:
-        if root is not None and (Path(root) / f"{stem}{ext}").exists():
+        if (Path(root) / f"{stem}{ext}").exists():
             return f"{stem}{ext}"
-    return f"{stem}{extensions[0]}"
+    raise error(f"no video {stem}{'|'.join(extensions)} under {root}")
 
 
 def multiple_choice_sample(record_id: str, source: str, video: str, question: str, options: list[str],
@@ -88,7 +90,8 @@ class ActivityNetQASource:
         answer = answers.get(qid)
         if answer is not None:
             turns.append(Turn("assistant", str(answer["answer"])))
-        video = find_video(self.media_root, self.video_pattern.format(video_name=row["video_name"]))
+        video = find_video(self.media_root, self.video_pattern.format(video_name=row["video_name"]),
+                           partial(SampleError, qid, self.questions))
         meta = {"type": answer.get("type")} if answer else {}
         return Sample(qid, turns, [Media(video, kind="video")], task=self.task, source=self.questions, meta=meta)
 
@@ -106,7 +109,8 @@ class NExTQASource:
     `video,frame_count,width,height,question,answer,qid,type,a0,a1,a2,a3,a4` (`answer` is the index
     of the right option), `map_vid_vidorID.json` mapping a `video` id to its folder path
     (`{"4010069381": "0000/4010069381"}`), and the videos as `NExTVideo/{path}.mp4` (`media_root`).
-    Without the map file, `{video}.mp4` is used. Question types (`meta["type"]`): CW, CH (causal),
+    Without the map file, `{video}.mp4` is used where it exists under `media_root` (a flattened copy);
+    a record whose video the map lacks, or whose flat file is missing, is skipped saying so. Question types (`meta["type"]`): CW, CH (causal),
     TN, TC, TP (temporal), DL, DC, DO (descriptive).
     """
 
@@ -118,16 +122,29 @@ class NExTQASource:
         self.video_map = video_map or (str(default_map) if default_map.exists() else None)
         self.task, self.require_answer = task, require_answer
 
-    def to_sample(self, row: dict[str, str], paths: dict[str, str]) -> Sample:
+    def video_path(self, video: str, paths: dict[str, str] | None, error: Callable[[str], SampleError]) -> str:
+        """The record's file: from the map, or (without one) `{video}.mp4` only if it exists."""
+        if paths is not None:
+            if video not in paths:
+                raise error(f"video id {video!r} is not in the video map {self.video_map}")
+            return f"{paths[video]}.mp4"
+        if not (Path(self.media_root) / f"{video}.mp4").exists():
+            raise error(f"no map_vid_vidorID.json next to {self.path} (pass video_map=) and no {video}.mp4 "
+                        f"under {self.media_root}: the published videos lie in folders only the map names")
+        return f"{video}.mp4"
+
+    def to_sample(self, row: dict[str, str], paths: dict[str, str] | None) -> Sample:
         video = str(row["video"])
+        record_id = f"{video}_{row['qid']}"
         options = [row[f"a{k}"] for k in range(5) if row.get(f"a{k}") not in (None, "")]
         answer = int(row["answer"]) if str(row.get("answer", "")).strip() else None
-        return multiple_choice_sample(f"{video}_{row['qid']}", self.path, f"{paths.get(video, video)}.mp4",
+        path = self.video_path(video, paths, partial(SampleError, record_id, self.path))
+        return multiple_choice_sample(record_id, self.path, path,
                                       row["question"].strip().rstrip("?") + "?", options, answer, self.task,
                                       {"type": row.get("type")})
 
     def read(self) -> Iterator[Sample | Skip]:
-        paths = load_json_file(self.video_map) if self.video_map else {}
+        paths = load_json_file(self.video_map) if self.video_map else None
         with open(self.path, newline="", encoding="utf-8") as f:
             rows = [(f"line {k + 2}", row) for k, row in enumerate(csv.DictReader(f))]
         yield from samples_from_rows(rows, self.path, lambda row, _: self.to_sample(row, paths), self.require_answer)
@@ -170,16 +187,20 @@ class VideoMMESource:
     Layout as published: `videomme/test-00000-of-00001.parquet` with one row per question, columns
     `video_id, duration, domain, sub_category, url, videoID, question_id, task_type, question,
     options, answer` (`options` like `["A. ...", "B. ...", "C. ...", "D. ..."]`, `answer` a letter),
-    and the videos as `data/{videoID}.mp4` (`media_root`). Reading parquet needs `pyarrow`; the same
+    and the videos as `data/{videoID}.mp4` (`media_root`). Rows with only `video_id` ("001", as in
+    the evaluation template `output_test_template.json`) name no file: give `video_map` (a dict or
+    a JSON file, `video_id` -> file under `media_root`), or they are skipped saying so. Reading parquet needs `pyarrow`; the same
     rows as JSON/JSONL, or the per-video JSON of the official evaluation script
     (`[{"video_id", "videoID", "duration", ..., "questions": [{"question_id", ...}]}]`), work without.
     `meta` keeps duration (short/medium/long), domain and task_type.
     """
 
-    def __init__(self, path: str, media_root: str | None = None, task: str = "videomme", require_answer: bool = True):
+    def __init__(self, path: str, media_root: str | None = None, task: str = "videomme", require_answer: bool = True,
+                 video_map: str | dict[str, str] | None = None):
         self.path = str(path)
         self.media_root = media_root if media_root is not None else str(Path(path).parent / "data")
         self.task, self.require_answer = task, require_answer
+        self.video_map = video_map
 
     def rows(self) -> list[dict[str, Any] | Skip]:
         if self.path.endswith(".parquet"):
@@ -191,15 +212,28 @@ class VideoMMESource:
         data = load_json_file(self.path)
         return [{**video, **q} for video in data for q in video["questions"]] if data and "questions" in data[0] else data
 
-    def to_sample(self, row: dict[str, Any]) -> Sample:
+    def to_sample(self, row: dict[str, Any], files: dict[str, str] | None = None) -> Sample:
         options = [_OPTION_PREFIX.sub("", str(o)) for o in row["options"]]
         letter = str(row.get("answer") or "").strip().upper()[:1]
         answer = string.ascii_uppercase.index(letter) if letter else None
-        video = str(row.get("videoID") or row["video_id"])
         meta = {k: row.get(k) for k in ("duration", "domain", "task_type")}
-        return multiple_choice_sample(str(row["question_id"]), self.path, f"{video}.mp4", row["question"],
+        return multiple_choice_sample(str(row["question_id"]), self.path, self.video_file(row, files), row["question"],
                                       options, answer, self.task, meta)
+
+    def video_file(self, row: dict[str, Any], files: dict[str, str] | None) -> str:
+        """`video_map[video_id]` when a map is given, else `{videoID}.mp4`; never a file named after `video_id`."""
+        error = partial(SampleError, str(row["question_id"]), self.path)
+        video_id = str(row.get("video_id"))
+        if files is not None:
+            if video_id not in files:
+                raise error(f"video_id {video_id!r} is not in the video_map")
+            return str(files[video_id])
+        if not row.get("videoID"):
+            raise error(f"row has video_id {video_id!r} but no videoID (the YouTube id the files are named by): "
+                        "pass video_map= (video_id -> file)")
+        return f"{row['videoID']}.mp4"
 
     def read(self) -> Iterator[Sample | Skip]:
         rows = (r if isinstance(r, Skip) else (str(r.get("question_id", f"#{i}")), r) for i, r in enumerate(self.rows()))
-        yield from samples_from_rows(rows, self.path, lambda row, _: self.to_sample(row), self.require_answer)
+        files = load_json_file(self.video_map) if isinstance(self.video_map, str) else self.video_map
+        yield from samples_from_rows(rows, self.path, lambda row, _: self.to_sample(row, files), self.require_answer)

@@ -65,7 +65,8 @@ def test_videochat2_instruction_json(tmp_path):
 
 
 def test_activitynet_qa_joins_questions_and_answers(tmp_path):
-    (tmp_path / "v_Lf_7RurLgp0.mkv").write_bytes(b"")
+    for name in ("v_Lf_7RurLgp0.mkv", "v_abc.mp4", "v_zzz.webm"):
+        (tmp_path / name).write_bytes(b"")
     q = [{"video_name": "Lf_7RurLgp0", "question": "is the man wearing a hat", "question_id": "v_Lf_7RurLgp0_2"},
          {"video_name": "abc", "question": "what color is the car", "question_id": "v_abc_0"},
          {"video_name": "zzz", "question": "where is he", "question_id": "v_zzz_1"}]
@@ -76,7 +77,7 @@ def test_activitynet_qa_joins_questions_and_answers(tmp_path):
     assert [s.id for s in samples] == ["v_Lf_7RurLgp0_2", "v_abc_0"]
     hat = samples[0]
     assert hat.media[0].path == "v_Lf_7RurLgp0.mkv"  # the extension that exists
-    assert samples[1].media[0].path == "v_abc.mp4"
+    assert samples[1].media[0].path == "v_abc.mp4" and skips[0].record_id == "v_zzz_1"
     assert hat.turns[0].text.startswith(f"{IMAGE_TOKEN}\nIs the man wearing a hat?\n")
     assert hat.answer == "yes" and hat.meta["type"] == 3 and hat.task == "activitynet_qa"
     assert len(skips) == 1 and skips[0].record_id == "v_zzz_1" and "no assistant turn" in skips[0].reason
@@ -154,3 +155,38 @@ def test_every_builder_names_file_line_and_column_of_invalid_json(tmp_path):
     for source in sources:
         with pytest.raises(DataFileError, match=r"output_test_template.json: not valid JSON: .* at line 3, column 29"):
             list(source.read())
+
+
+def test_builders_skip_what_they_cannot_name_a_file_for_and_say_why(tmp_path):
+    template = [{"video_id": "001", "duration": "short", "domain": "Knowledge", "sub_category": "History",
+                 "questions": [{"question_id": "001-1", "task_type": "Counting", "question": "How many?",
+                                "options": ["A. 1", "B. 2", "C. 3", "D. 4"], "answer": "B"}]}]
+    path = write_json(tmp_path / "output_test_template.json", template)  # Video-MME's template: no videoID
+    _, (skip,) = split(VideoMMESource(path).read())
+    assert skip.record_id == "001-1" and "video_id '001'" in skip.reason and "video_map" in skip.reason
+    video_map = write_json(tmp_path / "ids.json", {"001": "fFjv93ACGo8.mp4"})
+    for given in (video_map, {"001": "fFjv93ACGo8.mp4"}):
+        (s,) = split(VideoMMESource(path, video_map=given).read())[0]
+        assert s.media[0].path == "fFjv93ACGo8.mp4"
+    _, (skip,) = split(VideoMMESource(path, video_map={"002": "x.mp4"}).read())
+    assert "video_id '001' is not in the video_map" in skip.reason
+
+    q = [{"video_name": "gone", "question": "is it", "question_id": "v_gone_0"}]
+    a = [{"answer": "yes", "type": 3, "question_id": "v_gone_0"}]
+    source = ActivityNetQASource(write_json(tmp_path / "q.json", q), write_json(tmp_path / "a.json", a))
+    _, (skip,) = split(source.read())  # no v_gone.* file: a skip naming what was looked for, not 'v_gone.mp4'
+    assert skip.record_id == "v_gone_0" and "no video v_gone.mp4|.mkv|.webm" in skip.reason
+
+    header = ["video", "question", "answer", "qid", "type", "a0", "a1", "a2", "a3", "a4"]
+    nextqa = tmp_path / "nextqa"
+    nextqa.mkdir()
+    with open(nextqa / "val.csv", "w", newline="") as f:
+        csv.writer(f).writerows([header, ["4010069381", "why", "0", "6", "CW", "a", "b", "c", "d", "e"],
+                                 ["555", "why", "0", "7", "CW", "a", "b", "c", "d", "e"]])
+    (nextqa / "555.mp4").write_bytes(b"")
+    samples, (skip,) = split(NExTQASource(str(nextqa / "val.csv")).read())  # no map_vid_vidorID.json
+    assert [s.media[0].path for s in samples] == ["555.mp4"]
+    assert skip.record_id == "4010069381_6" and "map_vid_vidorID.json" in skip.reason
+    write_json(nextqa / "map_vid_vidorID.json", {"555": "0000/555"})
+    samples, (skip,) = split(NExTQASource(str(nextqa / "val.csv")).read())
+    assert [s.media[0].path for s in samples] == ["0000/555.mp4"] and "not in the video map" in skip.reason

@@ -156,3 +156,36 @@ def test_embedded_image_bytes_decode_as_the_file(tmp_path, processor):
         assert b.media[0].data is not None and a.media[0].data is None
         pa, pb = processor(a)["pixel_values"], processor(b)["pixel_values"]
         assert torch.equal(pa, pb) and np.asarray(pa).any()
+
+
+def test_hf_llava_layout_parquet_as_a_source(tmp_path, processor):
+    """A published LLaVA-layout Parquet (an `Image` column plus `conversations`): images read from
+    their embedded bytes, a text-only row, a row whose markers do not match its image skipped."""
+    import io
+
+    from datasets import Dataset, Features, Image as HFImage, List, Value
+    from PIL import Image
+
+    from mm15.data_builders.hf_llava import HFLlavaSource
+
+    def png(colour):
+        buffer = io.BytesIO()
+        Image.new("RGB", (40, 24), colour).save(buffer, format="PNG")
+        return {"bytes": buffer.getvalue(), "path": f"{colour}.png"}
+
+    def convo(question, answer):
+        return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+
+    rows = {"id": ["a", "b", "c"], "image": [png("red"), None, png("blue")],
+            "conversations": [convo("<image>\nColour?", "red"), convo("Count to 2.", "1 2"),
+                              convo("<image><image>\nTwo?", "no")]}
+    features = Features({"id": Value("string"), "image": HFImage(),
+                         "conversations": List({"from": Value("string"), "value": Value("string")})})
+    Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "llava.parquet"))
+    items = list(HFLlavaSource(str(tmp_path / "llava.parquet")).read())
+    samples = [s for s in items if not hasattr(s, "reason")]
+    (skip,) = [s for s in items if hasattr(s, "reason")]
+    assert [s.id for s in samples] == ["a", "b"] and skip.record_id == "c" and "2 <image> markers but 1" in skip.reason
+    pixels = processor(samples[0])["pixel_values"]
+    assert pixels.shape[0] >= 1 and int(pixels[-1, 0].max()) == 255  # the red channel of the red image
+    assert processor(samples[1])["pixel_values"].shape[0] == 0

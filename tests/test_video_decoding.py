@@ -175,20 +175,47 @@ def test_truncated_file_with_index_first_is_read_up_to_the_damage(videos, tmp_pa
     assert max(video.indices) < 30
 
 
-def test_corrupt_stream_is_served_by_the_fallback_or_refused(videos, tmp_path):
-    data = bytearray((videos / "noise.mp4").read_bytes())
-    start = data.find(b"mdat") + 20000
-    data[start: start + 4000] = bytes(4000)
-    path = tmp_path / "corrupt.mp4"
-    path.write_bytes(bytes(data))
-    dec = decoder(n=8)
-    try:
-        video = dec.decode(path)
-    except VideoError as e:
-        assert "corrupt.mp4" in str(e) and dec.counts["failed"] == 1
-    else:
-        assert video.frames.shape == (8, 32, 32, 3)
-        assert video.backend == "decord" or dec.counts["fallback"] == 1
+@pytest.fixture(scope="module")
+def corrupt(tmp_path_factory):
+    """A lossless clip (top rows: grey level 8k in frame k; below: noise, so packets are large) whose
+    packets of frames 15 and 16 are zeroed, NAL length fields included: FFmpeg cannot decode 16 and
+    19 (which refer to it); the rest decodes. Damage at fixed packets, found by demuxing."""
+    import av
+
+    root = tmp_path_factory.mktemp("corrupt")
+    frames = np.random.default_rng(0).integers(0, 255, (30, 64, 64, 3), dtype=np.uint8)
+    frames[:, :16] = (8 * np.arange(30, dtype=np.uint8))[:, None, None, None]
+    write_video(root / "src.mp4", frames, fps=10, gop=10, lossless=True)
+    with av.open(str(root / "src.mp4")) as container:
+        packets = sorted((p.pts, p.pos) for p in container.demux(container.streams.video[0]) if p.pts is not None)
+    data = bytearray((root / "src.mp4").read_bytes())
+    start, stop = packets[15][1] + 10, packets[17][1] + 10
+    data[start:stop] = bytes(stop - start)
+    (root / "corrupt.mp4").write_bytes(bytes(data))
+    return root / "corrupt.mp4"
+
+
+def test_corrupt_frames_are_replaced_and_counted_below_the_cap(corrupt):
+    with pytest.raises(VideoError, match="decord: VideoError: damaged packets among the chosen frames"):
+        decoder(n=10, size=64, backends=["decord"]).decode(corrupt)  # decord cannot say which frames it lost
+    dec = decoder(n=10, size=64)
+    video = dec.decode(corrupt)
+    assert video.backend == "pyav" and dec.counts == {"pyav": 1, "fallback": 1}
+    assert "damaged packets" in video.notes[0]
+    assert video.indices == [0, 3, 6, 10, 13, 16, 19, 23, 26, 29]
+    shown = [int(round(f[:16].mean() / 8)) for f in video.frames]
+    assert shown[:5] == [0, 3, 6, 10, 13] and shown[7:] == [23, 26, 29]
+    assert shown[5] in (13, 23) and shown[6] in (13, 23)  # 16 and 19 show the nearest decoded frame
+    assert video.replaced == 2 and any("2 chosen frames undecodable" in n for n in video.notes)
+
+
+def test_corrupt_video_past_max_replaced_fraction_is_refused(corrupt):
+    dec = decoder(n=10, size=64, max_replaced_fraction=0.1)  # 2 of 10 replaced is over 10%
+    with pytest.raises(VideoError, match=r"corrupt.mp4: not a readable video .*2 of 10 chosen frames undecodable, "
+                                         r"over max_replaced_fraction 0.1") as info:
+        dec.decode(corrupt)
+    assert "decord: VideoError: damaged packets" in str(info.value)
+    assert dec.counts == {"failed": 1}
 
 
 def test_frame_folder_natural_order_and_rate(tmp_path):

@@ -153,3 +153,18 @@ def test_fallback_and_notes_are_recorded(clips, tmp_path, monkeypatch):
     assert module.backend_counts == {"pyav": 6, "fallback": 6}
     notes = [json.loads(line) for line in (tmp_path / "video_notes.jsonl").read_text().splitlines()]
     assert len(notes) == 6 and "decord cannot open this" in notes[0]["notes"][0]
+
+
+def test_replaced_frames_are_counted_next_to_the_backends(tmp_path):
+    from mm15.base.data.media import MediaLayout
+
+    module = MM15VideoModule(model=tiny_spec(), preprocessing=video_preprocessing())
+    layouts = [[MediaLayout("video", "a.mp4", 4, [4] * 4, (8, 8), backend="pyav", replaced_frames=2,
+                            notes=["2 chosen frames undecodable: replaced by the nearest decoded frame"])],
+               [MediaLayout("video", "b.mp4", 4, [4] * 4, (8, 8), backend="decord")]]
+    module.record_videos({"ids": ["x", "y"], "layouts": layouts})
+    assert module.replaced_frames == 2 and module.backend_counts == {"pyav": 1, "decord": 1, "fallback": 0}
+    logged = {}
+    module.log = lambda name, value, **kw: logged.update({name: value})
+    module.on_train_batch_start({"ids": [], "layouts": []}, 0)
+    assert logged["video/replaced_frames"] == 2.0 and logged["video/backend_pyav"] == 1.0

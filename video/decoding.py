@@ -64,12 +64,16 @@ class DecodeSpec:
             timestamps).
         threads: decoder threads per video (1: parallelism comes from the loader workers; 0: FFmpeg
             decides).
+        max_replaced_fraction: chosen frames a backend could not decode are replaced by the nearest
+            decoded one (counted in `DecodedVideo.replaced`); past this fraction of the chosen
+            frames the backend refuses the video (`VideoError`; the next backend is tried).
     """
 
     backends: list[Backend] = field(default_factory=lambda: ["decord", "pyav"])
     resize: ResizeMode = "pad"
     folder_fps: float = 1.0
     threads: int = 1
+    max_replaced_fraction: float = 0.25
 
 
 @dataclass
@@ -80,6 +84,7 @@ class DecodedVideo:
     backend: str  # decord | pyav | frames
     notes: list[str] = field(default_factory=list)
     size: tuple[int, int] = (0, 0)  # displayed (width, height) of the source
+    replaced: int = 0  # chosen frames that could not be decoded and show the nearest decoded one
 
 
 # ----- decord ------------------------------------------------------------------------------------
@@ -107,12 +112,36 @@ def read_decord(path: str, sampling: FrameSampling, r: int, spec: DecodeSpec,
     reader = decord.VideoReader(path, width=w, height=h, num_threads=spec.threads)
     times = reader.get_frame_timestamp(np.arange(len(reader)))  # (T, 2) start, end seconds
     pick = sample_frame_indices(times[:, 0], float(times[-1, 1]), sampling, start, end)
-    frames = reader.get_batch(pick.indices).asnumpy()  # (N, h, w, 3)
     notes = pick.notes + ([f"rotation {info.rotation}: decoded at native size, resized after"] if native else [])
+    frames = _decord_frames(reader, pick.indices)  # (N, h, w, 3)
     frames = resize_pixels(frames, size) if native else frames
     if frames.shape[1:] != (size[1], size[0], 3):
         raise RuntimeError(f"decord returned frames of shape {frames.shape[1:]}, expected {(size[1], size[0], 3)}")
     return DecodedVideo(frames, pick.indices, times[pick.indices, 0].tolist(), "decord", notes, (info.width, info.height))
+
+
+def _decord_frames(reader, indices: list[int]) -> np.ndarray:
+    """The frames at `indices`. decord 0.6 fails the whole batch on a packet it cannot decode
+    (`DECORDError`) without saying which frames it lost, and retrying frame by frame is not
+    reliable (its decoder thread reports the error on later calls, fresh readers included; seen
+    with 0.6.0). So damage refuses the decord backend, and the next one (PyAV, which decodes frame
+    by frame and knows what it lost) counts the replaced frames. decord reports no timestamp per
+    returned frame, so a frame FFmpeg silently skipped past cannot be seen here."""
+    from decord._ffi.base import DECORDError
+
+    try:
+        return reader.get_batch(indices).asnumpy()
+    except DECORDError as e:
+        if "packet" not in str(e).lower():  # not damaged data (e.g. a buffer size check)
+            raise
+        raise VideoError(f"damaged packets among the chosen frames ({_first_line(e)}); decord cannot tell "
+                         "which frames are lost") from None
+
+
+def _check_replaced(replaced: int, chosen: int, spec: DecodeSpec) -> None:
+    if replaced > spec.max_replaced_fraction * chosen:
+        raise VideoError(f"{replaced} of {chosen} chosen frames undecodable, over max_replaced_fraction "
+                         f"{spec.max_replaced_fraction:g}")
 
 
 # ----- PyAV --------------------------------------------------------------------------------------
@@ -196,20 +225,22 @@ def read_pyav(path: str, sampling: FrameSampling, r: int, spec: DecodeSpec,
         pick = sample_frame_indices(times, float(times[-1] + step), sampling, start, end)
         wanted = np.unique(pts[pick.indices])
         decoded, size = _decode_targets(container, stream, wanted, keys, r, spec.resize)
-    if 2 * len(decoded) < len(wanted):
-        raise ValueError(f"only {len(decoded)} of {len(wanted)} chosen frames could be decoded")
-    frames = _fill_missing([int(pts[i]) for i in pick.indices], decoded, notes)
-    return DecodedVideo(frames, pick.indices, times[pick.indices].tolist(), "pyav", pick.notes + notes, size)
+    _check_replaced(len(wanted) - len(decoded), len(wanted), spec)
+    frames, replaced = _fill_missing([int(pts[i]) for i in pick.indices], decoded, notes)
+    return DecodedVideo(frames, pick.indices, times[pick.indices].tolist(), "pyav", pick.notes + notes, size, replaced)
 
 
-def _fill_missing(order: list[int], decoded: dict[int, np.ndarray], notes: list[str]) -> np.ndarray:
-    """Stack frames in `order`; a pts that failed to decode takes the nearest decoded frame."""
+def _fill_missing(order: list[int], decoded: dict[int, np.ndarray], notes: list[str]) -> tuple[np.ndarray, int]:
+    """Stack frames in `order` (frame indices or pts); one that failed to decode takes the nearest
+    decoded frame. Returns the frames and how many distinct chosen frames were replaced."""
+    if not decoded:
+        raise VideoError("none of the chosen frames could be decoded")
     have = np.asarray(sorted(decoded))
-    missing = [p for p in order if p not in decoded]
+    missing = {p for p in order if p not in decoded}
     if missing:
-        notes.append(f"{len(set(missing))} chosen frames undecodable: replaced by the nearest decoded frame")
-    nearest = {p: int(have[np.abs(have - p).argmin()]) for p in set(missing)}
-    return np.stack([decoded[nearest.get(p, p)] for p in order])
+        notes.append(f"{len(missing)} chosen frames undecodable: replaced by the nearest decoded frame")
+    nearest = {p: int(have[np.abs(have - p).argmin()]) for p in missing}
+    return np.stack([decoded[nearest.get(p, p)] for p in order]), len(missing)
 
 
 # ----- frame folders -----------------------------------------------------------------------------

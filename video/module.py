@@ -7,7 +7,7 @@ learning rates, checkpoints, test by generation):
 * `encode_media`: SlowFast pooling of each video's connector tokens when `video.slowfast` is set.
 * `compute_metrics`: multiple-choice accuracy, exact match and token F1 per dataset.
 * batch hooks: count which decoder served each video (`video/backend_*` in the logs, a line after
-  each test) and append every video with notes (fallback, clamped window, repeated frames, ...)
+  each test) and the undecodable frames replaced by a neighbour (`video/replaced_frames`), and append every video with notes (fallback, clamped window, repeated frames, ...)
   to `<run dir>/video_notes.jsonl`.
 * `on_test_records`: contact sheets of a seeded sample of test videos (the frames as the model saw
   them, the question, the reference and the prediction) in `<run dir>/contact_sheets/` and in
@@ -68,6 +68,7 @@ class MM15VideoModule(MM15Module):
             self.processor.spec = replace(self.processor.spec, video=video)
         self.mode = mode
         self.backend_counts: Counter[str] = Counter()
+        self.replaced_frames = 0  # chosen frames shown as a neighbour because they could not be decoded
         self.contact_sheets = contact_sheets
         self.frame_capture = FrameCapture(contact_sheets)
 
@@ -99,7 +100,8 @@ class MM15VideoModule(MM15Module):
     def report(self, rows: list[dict[str, Any]], stage: str = "test") -> None:
         super().report(rows, stage)
         counts = ", ".join(f"{k}: {v}" for k, v in sorted(self.backend_counts.items()))
-        print(f"videos decoded by backend: {counts or 'none'}", flush=True)
+        print(f"videos decoded by backend: {counts or 'none'}; undecodable frames replaced: {self.replaced_frames}",
+              flush=True)
 
     # ----- which decoder served each video -------------------------------------------------------
     def record_videos(self, batch: dict[str, Any]) -> None:
@@ -110,6 +112,7 @@ class MM15VideoModule(MM15Module):
                     continue
                 self.backend_counts[layout.backend] += 1
                 self.backend_counts["fallback"] += int(any(n.startswith("fallback") for n in layout.notes))
+                self.replaced_frames += layout.replaced_frames
                 if layout.notes:
                     noted.append({"id": sample_id, "path": layout.path, "backend": layout.backend, "notes": layout.notes})
         self._write_notes(noted)
@@ -126,6 +129,7 @@ class MM15VideoModule(MM15Module):
         self.record_videos(batch)
         for name, count in self.backend_counts.items():
             self.log(f"video/backend_{name}", float(count), batch_size=1)
+        self.log("video/replaced_frames", float(self.replaced_frames), batch_size=1)
 
     def on_validation_batch_start(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self.record_videos(batch)

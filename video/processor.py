@@ -88,7 +88,8 @@ class VideoProcessor(MM15Processor):
             raise sample.error(str(e)) from None
         text, counts = self.video_text(video)
         layout = MediaLayout("video", media.path, len(video.frames), counts, video.size, backend=video.backend,
-                             notes=video.notes, frame_indices=video.indices, timestamps=video.timestamps)
+                             notes=video.notes, frame_indices=video.indices, timestamps=video.timestamps,
+                             replaced_frames=video.replaced)
         return MediaBlock(video.frames, text, layout)
 
     def measure_media(self, sample: Sample, index: int, media: Media) -> MediaBlock:

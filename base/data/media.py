@@ -99,6 +99,9 @@ class MediaLayout:
         backend: the decoder that served a video (`decord`, `pyav`, `frames`).
         notes: what the decoder noted on the way (fallback, clamped window, repeated frames, ...).
         frame_indices, timestamps: the source frame and its time in seconds, per frame of a video.
+        replaced_frames: chosen frames of a video the decoder could not decode, shown as the nearest
+            decoded frame (counted by the video module; past `DecodeSpec.max_replaced_fraction` the
+            sample is skipped instead).
     """
 
     kind: MediaKind
@@ -111,6 +114,7 @@ class MediaLayout:
     notes: list[str] = field(default_factory=list)
     frame_indices: list[int] = field(default_factory=list)
     timestamps: list[float] = field(default_factory=list)
+    replaced_frames: int = 0
 
     @property
     def num_placeholders(self) -> int:

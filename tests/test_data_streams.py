@@ -189,3 +189,15 @@ def test_hf_llava_layout_parquet_as_a_source(tmp_path, processor):
     pixels = processor(samples[0])["pixel_values"]
     assert pixels.shape[0] >= 1 and int(pixels[-1, 0].max()) == 255  # the red channel of the red image
     assert processor(samples[1])["pixel_values"].shape[0] == 0
+
+
+def test_loader_workers_take_the_micro_batches_in_turn(text_shards, processor):
+    import functools
+
+    from mm15.base.training.resumable import DrawLoader
+
+    _, one = _loader(_capped(text_shards), processor, lanes=2)
+    reference = [b["ids"] for b in one]
+    stream = _loader(_capped(text_shards), processor, lanes=2)[1].dataset
+    workers = DrawLoader(stream, None, num_workers=2, collate_fn=functools.partial(processor.collate, padding_side="right"))
+    assert [b["ids"] for b in workers] == reference

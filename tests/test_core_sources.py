@@ -94,3 +94,12 @@ def test_a_malformed_json_array_is_a_start_up_error_naming_file_line_and_column(
     dm = MM15DataModule(train=[LlavaJsonSource(str(path))], max_error_fraction=1.0)
     with pytest.raises(DataFileError, match="llava_500k.json"):  # not one budgeted skip for the whole file
         dm.read_split("train")
+
+
+def test_a_relative_media_root_follows_the_working_directory(tmp_path, monkeypatch):
+    from mm15.base.data.sources import resolve_media_path
+
+    for name in ("a", "b"):
+        (tmp_path / name / "data").mkdir(parents=True)
+        monkeypatch.chdir(tmp_path / name)
+        assert resolve_media_path("x.png", "data") == str((tmp_path / name / "data" / "x.png").resolve())

@@ -77,7 +77,7 @@ def resolve_media_path(path: str, root: str) -> str:
     lexical, on the normalised path: a symlink inside the root (a dataset linked in from another
     disk) is followed when the file is opened, not refused here, and no file-system call is made
     (millions of records load in seconds). Run it before any file is looked at."""
-    base = _media_base(root)
+    base = _media_base(os.path.abspath(root))  # keyed absolute: a relative root means another folder after a chdir
     full = os.path.normpath(os.path.join(base, path))
     if full != base and not full.startswith(base.rstrip(os.sep) + os.sep):
         raise MediaEscape(f"media path {path!r} escapes the media root {base}")

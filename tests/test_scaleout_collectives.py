@@ -179,7 +179,7 @@ def generation_config(run: Path, root: Path, samples: list[Sample]) -> dict[str,
     return config
 
 
-@pytest.mark.parametrize("command", ["test", "predict"])
+@pytest.mark.parametrize("command", [pytest.param("test", marks=pytest.mark.slow), "predict"])  # one generate path
 def test_generation_under_fsdp2_with_unequal_lengths_and_text_only_rank(command, shapes, tmp_path):
     root, images = shapes
     # Rank r decodes samples r, r + 2, ... in batches of 2: rank 0 images; rank 1 a text-only batch,

@@ -109,9 +109,12 @@ def _compare_parameters(run: Path, reference: dict) -> float:
 
 
 OPTIMIZERS = {"adamw": "reference", "sgd": "sgd_reference"}
+# SGD in the default run: it changes with the gradient's scale, so a summed reduction fails it; AdamW
+# (the real runs' optimizer, scale-invariant) in the slow tier.
+OPTIMIZER_CASES = [pytest.param("adamw", marks=pytest.mark.slow), "sgd"]
 
 
-@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("optimizer", OPTIMIZER_CASES)
 def test_ddp_two_processes_match_one_process(optimizer, request, data_dir, tmp_path):
     reference = request.getfixturevalue(OPTIMIZERS[optimizer])
     rows = _two_process_run("ddp.yaml", tmp_path, data_dir, optimizer=SGD if optimizer == "sgd" else None)
@@ -119,7 +122,7 @@ def test_ddp_two_processes_match_one_process(optimizer, request, data_dir, tmp_p
     _compare_parameters(tmp_path, reference)
 
 
-@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("optimizer", OPTIMIZER_CASES)
 def test_fsdp2_two_processes_match_one_process(optimizer, request, data_dir, tmp_path):
     """Also with activation checkpointing: recomputation changes no number."""
     reference = request.getfixturevalue(OPTIMIZERS[optimizer])

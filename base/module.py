@@ -254,6 +254,8 @@ class MM15Module(pl.LightningModule):
         self.log("train/loss", out.loss, prog_bar=True, batch_size=n)
         if out.aux_loss is not None:
             self.log("train/router_aux_loss", out.aux_loss, batch_size=n)
+        if out.router_z_loss is not None:
+            self.log("train/router_z_loss", out.router_z_loss, batch_size=n)
         self._log_throughput(int(batch["attention_mask"].sum()))
         return out.loss
 

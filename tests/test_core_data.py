@@ -200,3 +200,16 @@ def process_sample_of(sample):
     from mm15.base.data.datamodule import process_sample
 
     return process_sample(_processor(), sample)
+
+
+def test_a_truncated_image_is_a_skip_even_when_pil_is_told_to_load_truncated_files(media, monkeypatch):
+    from PIL import ImageFile
+
+    from mm15.base.data.datamodule import process_sample
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # what importing lmms-eval does
+    path = _llava_file(media / "t.jsonl", [_row(1, image="truncated.png")])
+    (corrupt,) = MM15DataModule(train=[LlavaJsonSource(path)]).read_split("train")
+    skip = process_sample(_processor(), corrupt)
+    assert isinstance(skip, Skip) and "unreadable image" in skip.reason
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the other library's setting is left as it was

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 from transformers import PreTrainedTokenizerBase
 
 from mm15.base.data.boxes import BoxCodec
@@ -97,12 +97,17 @@ IMAGE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.
 
 def load_rgb(path: str, sample: Sample, data: bytes | None = None) -> np.ndarray:
     """Decode an image file (or its bytes, `data`) to (H, W, 3) uint8; a clear `SampleError` on any failure."""
+    # PIL's process-wide LOAD_TRUNCATED_IMAGES (lmms-eval sets it on import) would pad a truncated file
+    # silently; a truncated image is a bad record here whatever another library chose.
+    truncated_ok, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
         with Image.open(io.BytesIO(data) if data is not None else path) as im:
             im.load()
             return np.asarray(im.convert("RGB"))
     except IMAGE_ERRORS as e:
         raise _image_error(e, path, sample) from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
 
 
 def image_header_size(path: str, sample: Sample, data: bytes | None = None) -> tuple[int, int]:

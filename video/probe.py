@@ -72,13 +72,18 @@ def _tkhd_geometry(payload: bytes) -> tuple[float, float, int]:
     return width / 65536, height / 65536, int(round(degrees / 90.0)) * 90 % 360
 
 
-def probe_mp4(path: str) -> VideoInfo | None:
-    """Geometry of the first video track of an MP4/MOV file; None when `path` is not one."""
+def _mp4_moov(path: str) -> bytes | None:
+    """The `moov` box of an MP4/MOV file; None when `path` is not one or has none."""
     with open(path, "rb") as f:
         if f.read(8)[4:8] not in MP4_BRANDS:
             return None
         f.seek(0)
-        moov = _read_moov(f)
+        return _read_moov(f)
+
+
+def probe_mp4(path: str) -> VideoInfo | None:
+    """Geometry of the first video track of an MP4/MOV file; None when `path` is not one."""
+    moov = _mp4_moov(path)
     if moov is None:
         return None
     for kind, trak in _boxes(moov):
@@ -114,11 +119,7 @@ class VideoTiming:
 
 def timing_mp4(path: str) -> VideoTiming | None:
     """Frame count (`stts`) and duration (`mdhd`) of the first video track; None if not MP4/MOV."""
-    with open(path, "rb") as f:
-        if f.read(8)[4:8] not in MP4_BRANDS:
-            return None
-        f.seek(0)
-        moov = _read_moov(f)
+    moov = _mp4_moov(path)
     for kind, trak in _boxes(moov or b""):
         mdia = dict(_boxes(dict(_boxes(trak)).get(b"mdia", b"")))
         if kind != b"trak" or mdia.get(b"hdlr", b"")[8:12] != b"vide":

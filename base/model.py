@@ -308,25 +308,39 @@ class MM15Model(nn.Module):
     # ----- training forward --------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, media_features: torch.Tensor | None = None,
-                layouts: list[list[MediaLayout]] | None = None, **_: Any) -> MM15Output:
+                layouts: list[list[MediaLayout]] | None = None, position_ids: torch.Tensor | None = None,
+                sample_index: torch.Tensor | None = None, **_: Any) -> MM15Output:
+        """Padded rows (`attention_mask` marks the real tokens), or packed rows
+        (`mm15.base.data.packing`): then `position_ids` restart at each sample, the LLM gets no 2-D
+        mask (its packed-sequence masking keeps attention inside each sample), `sample_index` says
+        which sample each token is, and `attention_mask` still marks the real tokens for the MoE
+        losses."""
         embeds = self.embed(input_ids, pixel_values, media_features, layouts)
         kwargs = {"output_router_logits": True} if self._is_moe else {}
         decoder = self.llm.get_decoder()
-        out = decoder(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False, **kwargs)
+        if position_ids is None:
+            out = decoder(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False, **kwargs)
+        else:
+            out = decoder(inputs_embeds=embeds, attention_mask=None, position_ids=position_ids, use_cache=False, **kwargs)
         if labels is None:
             return MM15Output(loss=None)
         # Project only positions that have a target: (N, D) -> (N, V), never the full (B, T, V).
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
         hidden = out.last_hidden_state[:, :-1][keep]
-        logits = self.llm.get_output_embeddings()(hidden).float()
+        logits = self.llm.get_output_embeddings()(hidden)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32 for the loss
         if not keep.any():
             lm_loss = logits.sum() * 0.0
         elif self.spec.llm.loss_reduction == "sample":
             per_token = F.cross_entropy(logits, targets[keep], reduction="none")
-            row = keep.nonzero()[:, 0]  # the sample of each kept position
-            counts = keep.sum(1)
-            per_sample = torch.zeros(len(counts), device=logits.device).index_add_(0, row, per_token)
+            if sample_index is None:
+                row = keep.nonzero()[:, 0]  # the sample of each kept position
+                counts = keep.sum(1)
+            else:  # packed rows: the sample of each kept position, from the collate
+                row = sample_index[:, 1:][keep]
+                counts = torch.bincount(row, minlength=int(sample_index.max()) + 1)
+            per_sample = torch.zeros(len(counts), device=logits.device, dtype=per_token.dtype).index_add_(0, row, per_token)
             has = counts > 0
             lm_loss = (per_sample[has] / counts[has]).mean()
         else:

@@ -222,7 +222,8 @@ class MM15Module(pl.LightningModule):
         if features is None:  # text only: still run the tower, so every rank issues the same collectives
             features = self.media_keepalive(batch)
         return self.model(batch["input_ids"], batch["attention_mask"], labels=batch.get("labels"),
-                          media_features=features, layouts=batch.get("layouts"))
+                          media_features=features, layouts=batch.get("layouts"),
+                          position_ids=batch.get("position_ids"), sample_index=batch.get("sample_index"))
 
     def media_keepalive(self, batch: dict[str, Any]) -> torch.Tensor:
         """(0, M, D) media features that depend on every media parameter: the tower and connector

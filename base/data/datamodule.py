@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mm15.base.data.processor import MM15Processor
+from mm15.base.data.packing import BatchedDataset, PackSpec, TokenBudget, TokenBudgetSampler, pack_collate
 from mm15.base.training.resumable import ResumableLoader, ResumableSampler, accumulation_for
 from mm15.base.data.sample import Sample, SampleError, Skip
 from mm15.base.data.drawn import TrainDraws, is_sharded
@@ -200,6 +201,12 @@ class MM15DataModule(pl.LightningDataModule):
     lanes: independent draw sequences of a streamed training split; a rank reads only its lanes'
         data when `lanes` is a multiple of the process count (the order depends on `lanes`, never
         on the process count).
+    packing: pack each training and validation micro-batch into rows of at most
+        `packing.max_tokens` tokens instead of padding it (`mm15.base.data.packing`); the loss is
+        the padded batch's. Test and predict (generation) batches stay padded.
+    token_budget: size training micro-batches by tokens instead of `batch_size` samples
+        (length-grouped, `mm15.base.data.packing.TokenBudgetSampler`); in-memory training data
+        only. The global batch then counts tokens: `global_batch_size` is refused with it.
     """
 
     def __init__(self, train: list[SampleSource] | Mixture | None = None, val: list[SampleSource] | None = None,
@@ -207,8 +214,15 @@ class MM15DataModule(pl.LightningDataModule):
                  media_root: str | None = None, batch_size: int = 8, eval_batch_size: int | None = None,
                  num_workers: int = 0, max_error_fraction: float = 0.05, min_samples_for_budget: int = 20,
                  quarantine_file: str | None = None, seed: int = 0, global_batch_size: int | None = None,
-                 cache_processed: bool = False, lanes: int = 1):
+                 cache_processed: bool = False, lanes: int = 1, packing: PackSpec | None = None,
+                 token_budget: TokenBudget | None = None):
         super().__init__()
+        if token_budget is not None and (global_batch_size or isinstance(train, Mixture)):
+            raise ValueError("data.token_budget sizes micro-batches by tokens: it cannot be combined with "
+                             "global_batch_size (samples per step) nor with a mixture (drawn in samples); "
+                             "set trainer.accumulate_grad_batches for more tokens per step")
+        self.packing = packing
+        self.token_budget = token_budget
         self.mixture = train if isinstance(train, Mixture) else None
         if self.mixture is not None:
             train = [entry.source for entry in self.mixture.entries]
@@ -222,7 +236,7 @@ class MM15DataModule(pl.LightningDataModule):
         self.seed = seed
         self.global_batch_size = global_batch_size
         self.cache_processed = cache_processed
-        self.train_sampler: ResumableSampler | None = None
+        self.train_sampler: ResumableSampler | TokenBudgetSampler | None = None
         self.quarantine = Quarantine(quarantine_file, max_error_fraction, min_samples_for_budget)
         self.samples: dict[str, list[Sample]] = {}
         self.processor: MM15Processor | None = None
@@ -286,15 +300,35 @@ class MM15DataModule(pl.LightningDataModule):
             raise RuntimeError("the data module needs a processor: run it through a Trainer with an MM15Module")
         return ProcessedDataset(self.samples[split], self.processor, generate, cache=self.cache_processed)
 
+    def collate_fn(self, generate: bool = False) -> Any:
+        """The batch builder: packed rows for training and validation when `packing` is set,
+        padded rows otherwise (left-padded prompts for generation)."""
+        if self.packing is not None and not generate:
+            return functools.partial(pack_collate, spec=self.packing, pad_token_id=self.processor.tokenizer.pad_token_id)
+        return functools.partial(self.processor.collate, padding_side="left" if generate else "right")
+
     def _loader(self, split: str, shuffle: bool, generate: bool) -> DataLoader:
         dataset = self._dataset(split, generate)
-        side = "left" if generate else "right"
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
             dataset, batch_size=self.batch_size if split == "train" else self.eval_batch_size, shuffle=shuffle,
-            num_workers=self.num_workers, collate_fn=functools.partial(self.processor.collate, padding_side=side),
+            num_workers=self.num_workers, collate_fn=self.collate_fn(generate),
             generator=generator, persistent_workers=self.num_workers > 0,
         )
+
+    def sample_lengths(self, split: str = "train") -> list[int]:
+        """Tokens of each sample of `split` as processed, counted from media headers (`TokenCounter`);
+        a sample the counter cannot measure counts 1 (the loader records its skip when it is read)."""
+        from mm15.base.data.plan import TokenCounter
+
+        counter = TokenCounter(self.processor)
+        lengths = []
+        for sample in self.samples[split]:
+            try:
+                lengths.append(counter(sample)[0])
+            except (SampleError, OSError):
+                lengths.append(1)
+        return lengths
 
     def train_dataloader(self) -> DataLoader:
         """Resumable, world-size-invariant order (see `mm15.base.training.resumable`)."""
@@ -304,11 +338,17 @@ class MM15DataModule(pl.LightningDataModule):
             return loader
         dataset = self._dataset("train", generate=False)
         kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) if self.trainer else None
+        if self.token_budget is not None:
+            self.train_sampler = TokenBudgetSampler(self.sample_lengths("train"), self.token_budget, self.packing,
+                                                    seed=self.seed, **(kwargs or {}))
+            return ResumableLoader(  # batch_size=None: each sampler element is a whole micro-batch
+                BatchedDataset(dataset), batch_size=None, sampler=self.train_sampler, num_workers=self.num_workers,
+                collate_fn=self.collate_fn(), persistent_workers=self.num_workers > 0,
+            )
         self.train_sampler = ResumableSampler(dataset, self.batch_size, seed=self.seed, **(kwargs or {}))
         return ResumableLoader(
             dataset, batch_size=self.batch_size, sampler=self.train_sampler, num_workers=self.num_workers,
-            collate_fn=functools.partial(self.processor.collate, padding_side="right"),
-            persistent_workers=self.num_workers > 0,
+            collate_fn=self.collate_fn(), persistent_workers=self.num_workers > 0,
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -115,7 +115,7 @@ class TrainDraws:
                                  fingerprint=fingerprint, **(kwargs or {}))
         epoch_fn = (lambda: trainer.current_epoch) if trainer is not None else None
         return DrawLoader(self.stream, epoch_fn, num_workers=module.num_workers,
-                          collate_fn=functools.partial(module.processor.collate, padding_side="right"))
+                          collate_fn=module.collate_fn())
 
     def log_draws(self) -> None:
         """Every `log_every_n_steps` micro-batches: each source's draws this epoch, to the logger."""

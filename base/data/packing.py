@@ -2,7 +2,7 @@
 
 Packing (`PackSpec`, `pack_collate`): the samples of a micro-batch are concatenated into rows of at
 most `max_tokens` tokens, chosen first-fit or best-fit decreasing, instead of each being padded to
-the longest one. A sample (its text and all its media placeholders) is never split across rows.
+the longest one; the rows are then made as short as their number allows (`balanced_rows`). A sample (its text and all its media placeholders) is never split across rows.
 Each row carries `position_ids` that restart at 0 at every sample, and `sample_index` (the sample
 of every token, -1 for the padding at the end of a row). The model passes `position_ids` with no
 2-D attention mask to the LLM, whose mask code (transformers' packed-sequence detection) then
@@ -73,6 +73,22 @@ def pack_lengths(lengths: Sequence[int], capacity: int, fit: Fit = "first") -> l
     return sorted(bins, key=lambda b: b[0])
 
 
+def balanced_rows(lengths: Sequence[int], spec: PackSpec) -> list[list[int]]:
+    """`pack_lengths` at `spec.max_tokens`, then at the smallest capacity (not below the longest
+    sample) that still needs no more rows: the same number of rows, each as short as it can be, so
+    the padding after the fullest row and the attention span (quadratic for a dense mask) shrink."""
+    bins = pack_lengths(lengths, spec.max_tokens, spec.fit)
+    low, high = max(max(lengths), -(-sum(lengths) // len(bins))), spec.max_tokens
+    while low < high:
+        mid = (low + high) // 2
+        trial = pack_lengths(lengths, mid, spec.fit)
+        if len(trial) <= len(bins):
+            bins, high = trial, mid
+        else:
+            low = mid + 1
+    return bins
+
+
 def pack_collate(items: list[dict[str, Any] | Skip], spec: PackSpec, pad_token_id: int) -> dict[str, Any]:
     """A micro-batch of processed samples -> packed rows (see the module docstring).
 
@@ -86,7 +102,7 @@ def pack_collate(items: list[dict[str, Any] | Skip], spec: PackSpec, pad_token_i
     batch: dict[str, Any] = {"skipped": skipped, "size": len(items)}
     if not items:
         return batch
-    bins = pack_lengths([len(x["input_ids"]) for x in items], spec.max_tokens, spec.fit)
+    bins = balanced_rows([len(x["input_ids"]) for x in items], spec)
     items = [items[i] for b in bins for i in b]
     row_len = max(sum(len(x["input_ids"]) for x in row) for row in _rows(items, bins))
     shape = (len(bins), row_len)

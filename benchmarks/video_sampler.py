@@ -1,28 +1,44 @@
-"""Frames per second of the mm15 video sampler against two baselines, on generated H.264 clips.
+"""Frames per second of the mm15 video sampler and of each decoding library it can use, on generated H.264 clips.
 
-    python benchmarks/video_sampler.py                 # short + long clips, sparse + frequent keyframes
-    python benchmarks/video_sampler.py --long-seconds 60 --repeats 5 --size 378
+    python benchmarks/video_sampler.py                 # every clip kind, every importable library
+    python benchmarks/video_sampler.py --long-seconds 120 --repeats 5 --size 378 --baseline pyav
 
-Each method delivers the same 24 frames (the indices our sampler chooses):
+It measures whichever libraries the running environment has and says which it found: the `decord`
+module is either decord 0.6 or the maintained decord2 fork (same module name, told apart by its
+version and distribution), `torchcodec` is measured when it imports (it needs FFmpeg's shared
+libraries and a matching torch build), PyAV (`av`, its own FFmpeg) always is. Running the script
+from environments with different decoders installed compares them on identical clips.
 
-* `mm15`: the video processor's decoder (container probe, timestamps, index choice, decord decoding
-  only those frames resized while decoding, padding to r x r) and the core's `normalize` to float,
-  on the CPU (training does that last step on the accelerator).
-* `mm15 (no norm.)`: the same without the normalisation, i.e. what the loader workers do.
-* `decord`: raw `decord.VideoReader(width, height).get_batch(indices)` on the same indices, same
-  decoder thread count: the floor our wrapper adds overhead to. Target: mm15 >= 0.9x.
-* `decode-all`: the naive way, `cv2.VideoCapture` reading every frame at native size, keeping the
-  chosen ones and resizing them (same decoder thread count). Target on long clips: mm15 >= 3x.
+Each method delivers the same frames (the indices our sampler chooses):
 
-Clips: `short` (10 s) and `long` (--long-seconds, default 120 s) at 30 fps and 640x360, with
-frequent (every 0.5 s) or sparse (every 10 s) keyframes. With sparse keyframes any decoder must
-decode the frames from the keyframe up to each chosen frame, so there the gain over decoding
-everything comes mostly from not converting and resizing every frame.
+* `raw <lib>`: the library alone, as a caller would use it: `decord.VideoReader(width, height)
+  .get_batch(indices)`; PyAV decoding the stream in order and converting only the chosen frames at
+  the target size in swscale; torchcodec's `VideoDecoder.get_frames_at(indices)` (native size: it
+  has no resize here). Same decoder thread count everywhere.
+* `mm15 <backend>`: our decoder with `DecodeSpec.backends=[backend]` (container probe, timestamps,
+  index choice, decoding resized, padding to r x r): what the loader workers do. Target: >= 0.95x
+  `raw <lib>` of the same library on every clip kind.
+* `mm15 + norm.`: the default decoder and the core's `normalize` to float on the CPU (training does
+  that last step on the accelerator).
+* `decode-all`: the naive way, `cv2.VideoCapture` reading every frame at native size and resizing
+  the chosen ones. Target on long clips: mm15 >= 3x.
+
+Speed clips: `short` (--short-seconds, 10 s) and `long` (--long-seconds, 60 s) at 30 fps and
+640x360, frequent (every 0.5 s) or sparse (every 10 s) keyframes; `rot90` (short, 90-degree display
+matrix, so displayed 360x640) and `vfr` (short, frame gaps from 1/30 s to 1/5 s). Ratios are
+against `--baseline` (a raw library, measured in the same run). With sparse keyframes any decoder
+decodes from the keyframe up to each chosen frame, so the gain over decoding everything comes
+mostly from not converting and resizing every frame.
+
+Correctness, after the speed table: per library, what comes back for the rotated clip (upright or
+not), the VFR clip and a truncated file (the short clip with its index moved to the front, cut at
+60 %): frames, an error, or wrong output, judged against PyAV's frames of the intact file.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
 import tempfile
 import time
@@ -32,46 +48,154 @@ import cv2
 import numpy as np
 import torch
 
-from mm15.base.data.media import fit_size
+from mm15.base.data.media import fit_size, resize_pixels
 from mm15.base.data.sample import IMAGE_TOKEN
 from mm15.base.data.splitting import SplitSpec
 from mm15.base.tiny import tiny_tokenizer
 from mm15.data_builders.synthetic_video import write_video
-from mm15.video.decoding import DecodeSpec
+from mm15.video.decoding import DecodeSpec, VideoDecoder
 from mm15.video.processor import VideoPreprocessSpec, VideoProcessor, VideoSpec
 from mm15.video.sampling import FrameSampling
 
 FPS, WIDTH, HEIGHT = 30, 640, 360
 
 
-def clip_frames(seconds: float):
+# ----- which libraries this environment has --------------------------------------------------------
+def found_libraries() -> dict[str, str]:
+    """name -> 'distribution version' for each importable decoder; a missing one maps to '' and its
+    reason is printed by `describe_libraries`."""
+    found = {}
+    try:
+        import decord
+
+        version = getattr(decord, "__version__", "?")
+        dists = [d.metadata["Name"] for d in importlib.metadata.distributions()
+                 if (d.metadata["Name"] or "").lower() in ("decord", "decord2") and d.version == version]
+        found["decord"] = f"{(dists or ['decord'])[0]} {version}"  # decord2 keeps the module name
+    except ImportError:
+        pass
+    try:
+        import torchcodec
+
+        found["torchcodec"] = f"torchcodec {torchcodec.__version__}"
+    except Exception:  # noqa: BLE001 - an OSError from its shared libraries is the common case
+        pass
+    import av
+
+    found["pyav"] = f"av {av.__version__} (FFmpeg {'.'.join(map(str, av.library_versions['libavcodec']))} libavcodec)"
+    return found
+
+
+def describe_libraries(found: dict[str, str]) -> str:
+    lines = [f"  {name:<11} {found[name]}" for name in found]
+    if "torchcodec" not in found:
+        try:
+            import torchcodec  # noqa: F401
+        except Exception as e:  # noqa: BLE001
+            lines.append(f"  torchcodec  not measured: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+    return "\n".join(lines)
+
+
+# ----- clips ---------------------------------------------------------------------------------------
+def clip_frames(seconds: float, width: int = WIDTH, height: int = HEIGHT):
     """A moving textured pattern (so P-frames carry real work), frame by frame."""
     rng = np.random.default_rng(0)
-    texture = cv2.resize(rng.integers(0, 255, (HEIGHT // 8, WIDTH // 4, 3), dtype=np.uint8), (2 * WIDTH, HEIGHT))
+    texture = cv2.resize(rng.integers(0, 255, (height // 8, width // 4, 3), dtype=np.uint8), (2 * width, height))
     for k in range(int(seconds * FPS)):
-        shift = (k * 7) % WIDTH
-        yield np.ascontiguousarray(texture[:, shift: shift + WIDTH])
+        shift = (k * 7) % width
+        yield np.ascontiguousarray(texture[:, shift: shift + width])
 
 
-def video_processor(size: int, frames: int, threads: int) -> VideoProcessor:
+def vfr_times(seconds: float) -> list[float]:
+    """Presentation times whose gaps cycle through 1/30, 1/15, 1/10 and 1/5 s."""
+    gaps, times, t = (1 / 30, 1 / 15, 1 / 10, 1 / 5), [], 0.0
+    while t < seconds:
+        times.append(round(t, 3))
+        t += gaps[len(times) % 4]
+    return times
+
+
+def faststart_cut(src: Path, dst: Path, keep: float = 0.6) -> None:
+    """`src` with its index moved to the front (as `-movflags faststart` does), cut to `keep` of its bytes."""
+    import av
+
+    fast = dst.with_name(dst.stem + "_full.mp4")
+    with av.open(str(src)) as inp, av.open(str(fast), "w", options={"movflags": "faststart"}) as out:
+        stream = out.add_stream_from_template(inp.streams.video[0])
+        for packet in inp.demux(inp.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                out.mux(packet)
+    data = fast.read_bytes()
+    dst.write_bytes(data[: int(len(data) * keep)])
+
+
+def make_clips(workdir: Path, args: argparse.Namespace) -> list[tuple[str, Path]]:
+    clips = []
+    for name, seconds in (("short", args.short_seconds), ("long", args.long_seconds)):
+        for keys, gop in (("frequent", FPS // 2), ("sparse", FPS * 10)):
+            kind = dict(frames=clip_frames(seconds), gop=gop)
+            clips.append((f"{name} {keys}", workdir / f"{name}_{gop}.mp4", kind))
+    rotated = dict(frames=clip_frames(args.short_seconds), gop=FPS // 2, rotation=90)
+    clips.append(("rot90", workdir / "rot90.mp4", rotated))
+    times = vfr_times(args.short_seconds)
+    clips.append(("vfr", workdir / "vfr.mp4", dict(frames=clip_frames(len(times) / FPS), gop=FPS // 2, times=times)))
+    for _, path, kw in clips:
+        if not path.exists():
+            write_video(path, kw.pop("frames"), fps=FPS, **kw)
+    cut = workdir / "truncated.mp4"
+    if not cut.exists():
+        faststart_cut(workdir / f"short_{FPS * 10}.mp4", cut)
+    return [(name, path) for name, path, _ in clips] + [("truncated", cut)]
+
+
+# ----- the methods ---------------------------------------------------------------------------------
+def video_processor(size: int, frames: int, threads: int, backends: list[str] | None = None) -> VideoProcessor:
     tokenizer = tiny_tokenizer()
     tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
-    video = VideoSpec(sampling=FrameSampling(num_frames=frames), decode=DecodeSpec(backends=["decord"], threads=threads))
+    decode = DecodeSpec(threads=threads, **({"backends": backends} if backends else {}))
+    video = VideoSpec(sampling=FrameSampling(num_frames=frames), decode=decode)
     return VideoProcessor(tokenizer, VideoPreprocessSpec(split=SplitSpec(crop_size=size, mode="none"), video=video), 144)
 
 
-def run_mm15(processor: VideoProcessor, path: str, normalise: bool = True) -> list[int]:
+def run_mm15(processor: VideoProcessor, path: str, normalise: bool = True):
     video = processor.decoder.decode(path)  # (N, r, r, 3) uint8
     if normalise:
         processor.normalize(torch.from_numpy(video.frames).permute(0, 3, 1, 2))  # (N, 3, r, r) float32
-    return video.indices
+    return video
 
 
-def run_decord(path: str, indices: list[int], size: tuple[int, int], threads: int) -> None:
+def raw_decord(path: str, indices: list[int], size: tuple[int, int], threads: int) -> np.ndarray:
     import decord
 
     reader = decord.VideoReader(path, width=size[0], height=size[1], num_threads=threads)
-    reader.get_batch(indices).asnumpy()
+    return reader.get_batch(indices).asnumpy()
+
+
+def raw_pyav(path: str, indices: list[int], size: tuple[int, int], threads: int) -> np.ndarray:
+    import av
+
+    wanted, kept = set(indices), {}
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_count = threads
+        for k, frame in enumerate(container.decode(stream)):
+            if k in wanted:
+                kept[k] = frame.reformat(width=size[0], height=size[1], format="rgb24").to_ndarray()
+            if k >= max(indices):
+                break
+    return np.stack([kept[i] for i in indices])
+
+
+def raw_torchcodec(path: str, indices: list[int], size: tuple[int, int], threads: int) -> np.ndarray:
+    from torchcodec.decoders import VideoDecoder as TorchcodecDecoder
+
+    decoder = TorchcodecDecoder(path, dimension_order="NHWC", num_ffmpeg_threads=threads)
+    return decoder.get_frames_at(indices).data.numpy()
+
+
+RAW = {"decord": raw_decord, "pyav": raw_pyav, "torchcodec": raw_torchcodec}
+BACKENDS = ("decord", "pyav")  # the libraries `DecodeSpec.backends` can name
 
 
 def run_decode_all(path: str, indices: list[int], size: tuple[int, int], threads: int) -> None:
@@ -88,55 +212,144 @@ def run_decode_all(path: str, indices: list[int], size: tuple[int, int], threads
     np.stack([kept[i] for i in indices])
 
 
-def timed(fn, repeats: int) -> float:
-    """Best of `repeats` wall times (after a warm-up run): other load on a shared machine only
-    ever adds time, so the minimum is the most repeatable figure."""
-    fn()  # warm the page cache and the libraries
-    times = []
+def timed(methods: dict, repeats: int) -> dict[str, float]:
+    """Best of `repeats` wall times per method, after a warm-up run of each. The methods take turns
+    within every repeat, so load from other processes on a shared machine falls on all of them
+    alike, and it only ever adds time, so the minimum is the most repeatable figure. A method that
+    raises gets NaN (the correctness part says what it raised)."""
+    best = {}
+    for name, fn in methods.items():
+        try:
+            fn()  # warm the page cache and the libraries
+            best[name] = float("inf")
+        except Exception:  # noqa: BLE001
+            best[name] = float("nan")
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for name, fn in methods.items():
+            if best[name] == best[name]:  # not NaN
+                start = time.perf_counter()
+                fn()
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
-def bench_clip(path: str, args: argparse.Namespace) -> dict[str, float]:
-    processor = video_processor(args.size, args.frames, args.threads)
-    indices = run_mm15(processor, path)
-    size = fit_size(WIDTH, HEIGHT, (args.size, args.size), processor.spec.video.decode.resize)
-    n = len(indices)
-    return {
-        "mm15": n / timed(lambda: run_mm15(processor, path), args.repeats),
-        "mm15-decode": n / timed(lambda: run_mm15(processor, path, normalise=False), args.repeats),
-        "decord": n / timed(lambda: run_decord(path, indices, size, args.threads), args.repeats),
-        "decode-all": n / timed(lambda: run_decode_all(path, indices, size, args.threads), max(1, args.repeats // 2)),
-    }
+def bench_clip(path: str, libs: list[str], args: argparse.Namespace) -> dict[str, float]:
+    """fps of every method on one clip (sampler indices taken from the default decoder)."""
+    default = video_processor(args.size, args.frames, args.threads)
+    video = run_mm15(default, path, normalise=False)
+    indices, size = video.indices, fit_size(*video.size, (args.size, args.size), "pad")
+    methods = {}
+    for lib in libs:
+        methods[f"raw {lib}"] = lambda lib=lib: RAW[lib](path, indices, size, args.threads)
+        if lib in BACKENDS:
+            processor = video_processor(args.size, args.frames, args.threads, [lib])
+            methods[f"mm15 {lib}"] = lambda p=processor: run_mm15(p, path, normalise=False)
+    methods["mm15 + norm."] = lambda: run_mm15(default, path)
+    methods["decode-all"] = lambda: run_decode_all(path, indices, size, args.threads)
+    return {name: len(indices) / t for name, t in timed(methods, args.repeats).items()}
+
+
+# ----- correctness -----------------------------------------------------------------------------------
+def reference_frames(path: Path, indices: list[int], size: tuple[int, int]) -> np.ndarray:
+    """Upright frames of an intact clip at `indices`, at `size`, through PyAV (rotation applied)."""
+    import av
+
+    wanted, kept = set(indices), {}
+    with av.open(str(path)) as container:
+        for k, frame in enumerate(container.decode(container.streams.video[0])):
+            if k in wanted:
+                array = frame.to_ndarray(format="rgb24")
+                kept[k] = np.rot90(array, k=int(frame.rotation) % 360 // 90)
+    return np.stack([resize_pixels(np.ascontiguousarray(kept[i]), size) for i in indices])
+
+
+def verdict(frames: np.ndarray, reference: np.ndarray) -> str:
+    """'correct' when every frame is within 8 grey levels (mean abs.) of the reference: resizing
+    filters differ by a few levels, a wrong or rotated frame by tens."""
+    if frames.shape != reference.shape:
+        return f"wrong output: shape {tuple(frames.shape[1:])}, expected {tuple(reference.shape[1:])}"
+    errors = np.abs(frames.astype(np.int16) - reference).mean(axis=(1, 2, 3))
+    good = int((errors < 8).sum())
+    if good == len(frames):
+        return f"{len(frames)} frames, correct (mean abs. error <= {errors.max():.1f})"
+    return f"wrong output: {good} of {len(frames)} frames match the intact file (worst error {errors.max():.1f})"
+
+
+def attempt(fn) -> tuple[np.ndarray | None, str]:
+    try:
+        return fn(), ""
+    except Exception as e:  # noqa: BLE001 - what each library raises is the finding
+        return None, f"error: {type(e).__name__}: {str(e).strip().splitlines()[0][:90] if str(e).strip() else ''}"
+
+
+def correctness(clips: dict[str, Path], libs: list[str], args: argparse.Namespace) -> list[str]:
+    """One line per (clip, library): raw library and our backend, against PyAV on the intact file."""
+    lines = []
+    for clip, intact in (("rot90", clips["rot90"]), ("vfr", clips["vfr"]), ("truncated", clips["short sparse"])):
+        path = str(clips[clip])
+        probe = VideoDecoder(DecodeSpec(backends=["pyav"]), FrameSampling(num_frames=args.frames), args.size)
+        chosen = probe.decode(str(intact)).indices
+        size = fit_size(*probe.decode(str(intact)).size, (args.size, args.size), "pad")
+        reference = reference_frames(intact, chosen, size)
+        for lib in libs:
+            frames, error = attempt(lambda: RAW[lib](path, chosen, size if lib != "torchcodec" else None, args.threads))
+            if lib == "torchcodec" and frames is not None:
+                frames = resize_pixels(np.ascontiguousarray(frames), size)
+            lines.append(f"{clip:<10} raw {lib:<11} {error or verdict(frames, reference)}")
+            if lib not in BACKENDS:
+                continue
+            decoder = VideoDecoder(DecodeSpec(backends=[lib]), FrameSampling(num_frames=args.frames), args.size)
+            video, error = attempt(lambda: decoder.decode(path))
+            if video is None:
+                lines.append(f"{clip:<10} mm15 {lib:<10} {error}")
+                continue
+            shown = verdict(video.frames[:, : size[1], : size[0]], reference_frames(intact, video.indices, size))
+            notes = "; ".join(n for n in video.notes if "fallback" not in n)[:110]
+            lines.append(f"{clip:<10} mm15 {lib:<10} indices up to {max(video.indices)}, {video.replaced} replaced: "
+                         f"{shown}" + (f" [{notes}]" if notes else ""))
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--long-seconds", type=float, default=120.0)
+    parser.add_argument("--long-seconds", type=float, default=60.0)
     parser.add_argument("--short-seconds", type=float, default=10.0)
     parser.add_argument("--frames", type=int, default=24)
     parser.add_argument("--size", type=int, default=378, help="frame side r (MM1.5 encoder base resolution)")
-    parser.add_argument("--threads", type=int, default=1, help="decoder threads (same for mm15 and raw decord)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="decoder threads (same for every method)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--baseline", default="decord", choices=sorted(RAW),
+                        help="raw library the ratios are against (measured in the same run)")
+    parser.add_argument("--libraries", nargs="*", default=None, choices=sorted(RAW),
+                        help="raw libraries to measure (default: every importable one)")
     parser.add_argument("--workdir", default=None, help="where clips are written (default: a temp dir)")
     args = parser.parse_args(argv)
+    found = found_libraries()
+    libs = [lib for lib in (args.libraries or RAW) if lib in found]
+    if args.baseline not in libs:
+        parser.error(f"baseline {args.baseline} is not importable here ({', '.join(libs)} are)")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mm15_video_bench_"))
-    header = (f"{'clip':<6} {'keyframes':<16} {'mm15 fps':>9} {'(no norm.)':>10} {'decord fps':>11} {'all fps':>8} "
-              f"{'vs decord':>10} {'(no norm.)':>10} {'vs all':>7}")
-    print(f"{args.frames} frames at {args.size} px from {WIDTH}x{HEIGHT} H.264 at {FPS} fps, {args.threads} decoder thread(s)")
-    print(header + "\n" + "-" * len(header))
-    for name, seconds in (("short", args.short_seconds), ("long", args.long_seconds)):
-        for keys, gop in (("frequent (0.5s)", FPS // 2), ("sparse (10s)", FPS * 10)):
-            path = workdir / f"{name}_{gop}.mp4"
-            if not path.exists():
-                write_video(path, clip_frames(seconds), fps=FPS, gop=gop)
-            r = bench_clip(str(path), args)
-            print(f"{name:<6} {keys:<16} {r['mm15']:9.1f} {r['mm15-decode']:10.1f} {r['decord']:11.1f} "
-                  f"{r['decode-all']:8.1f} {r['mm15'] / r['decord']:9.2f}x {r['mm15-decode'] / r['decord']:9.2f}x "
-                  f"{r['mm15'] / r['decode-all']:6.1f}x", flush=True)
+    print("decoders found:\n" + describe_libraries(found))
+    print(f"default DecodeSpec.backends: {DecodeSpec().backends}")
+    print(f"{args.frames} frames at {args.size} px from {WIDTH}x{HEIGHT} H.264 at {FPS} fps, {args.threads} decoder "
+          f"thread(s), best of {args.repeats}; ratios against raw {args.baseline} ({found[args.baseline]})\n")
+    clips = dict(make_clips(workdir, args))
+    base = f"raw {args.baseline}"
+    header = None
+    for name, path in clips.items():
+        if name == "truncated":
+            continue
+        r = bench_clip(str(path), libs, args)
+        if header is None:
+            header = f"{'clip':<15}" + "".join(f"{k:>16}" for k in r) + "".join(
+                f"{'mm15 ' + b + '/raw':>17}" for b in BACKENDS if f"mm15 {b}" in r)
+            print("fps (and x raw " + args.baseline + ")\n" + header + "\n" + "-" * len(header))
+        cells = "".join(f"{v:9.1f} ({v / r[base]:4.2f}x)" for v in r.values())
+        own = "".join(f"{r[f'mm15 {b}'] / r[f'raw {b}']:16.2f}x" for b in BACKENDS if f"mm15 {b}" in r)
+        print(f"{name:<15}{cells}{own}", flush=True)
+    print("\nwhat comes back (raw library, and our decoder with that backend alone):")
+    for line in correctness(clips, libs, args):
+        print("  " + line, flush=True)
 
 
 if __name__ == "__main__":

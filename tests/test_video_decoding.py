@@ -79,6 +79,26 @@ def test_decord_decodes_only_needed_frames_at_target_size(videos, monkeypatch):
     assert len(calls["indices"]) == 6
 
 
+@pytest.mark.parametrize("shape", [(4, 21, 32, 3), (3, 32, 16, 3), (2, 32, 32, 3), (1, 5, 7, 3)])
+def test_padding_matches_the_core_rule(shape):
+    from mm15.base.data.media import pad_to
+
+    frames = np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8)
+    side = max(shape[1:3])
+    assert np.array_equal(decoding._pad_frames(frames, side, PAD), pad_to(frames, (side, side), PAD))
+
+
+def test_decord_batches_reach_numpy_unchanged_with_or_without_dlpack(videos):
+    batch = decord.VideoReader(str(videos / "ramp.mp4"), width=32, height=21).get_batch([0, 10])
+
+    class NoDLPack:  # a decord build without `to_dlpack`
+        def asnumpy(self):
+            return batch.asnumpy()
+
+    assert np.array_equal(decoding._host_array(batch), batch.asnumpy())
+    assert np.array_equal(decoding._host_array(NoDLPack()), batch.asnumpy())
+
+
 def test_stretch_fills_the_square(videos):
     video = decoder(n=2, resize="stretch").decode(videos / "ramp.mp4")
     assert frame_ids(video.frames, 32) == [0, 29]

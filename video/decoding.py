@@ -5,9 +5,15 @@ Backends, tried in order (`DecodeSpec.backends`):
 * `decord`: opens the file at the size the model needs (FFmpeg resizes while decoding) and decodes
   only the chosen frames (`VideoReader.get_batch` seeks to the nearest keyframe before each one).
   decord ships x86-64 Linux wheels only and raises `DECORDError` (not a `RuntimeError`) or
-  `RuntimeError` depending on where it fails; any failure moves on to the next backend.
+  `RuntimeError` depending on where it fails; any failure moves on to the next backend. The
+  maintained fork decord2 installs under the same module name and can replace decord 0.6 in an
+  environment (it cannot sit next to it, so it is no dependency); with decord2 3.4.0 this backend
+  refuses the tests' lossless clips (a buffer size check), which then go to PyAV.
 * `pyav`: demuxes packet timestamps (no decoding), then seeks and decodes up to each chosen frame,
-  converting at the target size in swscale. Reads truncated files up to the damage.
+  converting at the target size in swscale. Reads truncated files up to the damage. Measured by
+  `benchmarks/video_sampler.py` it is as fast as decord or faster on every clip kind there; decord
+  stays first because the shipped config and the recorded results name it, and a switch changes
+  which library's resize produces the frames.
 * a directory is a video stored as frame images (ShareGPTVideo ships frames); they are sorted in
   natural order and read at `DecodeSpec.folder_fps` frames per second; JPEGs are decoded at reduced
   scale (PIL draft mode) when much larger than needed.
@@ -15,7 +21,7 @@ Backends, tried in order (`DecodeSpec.backends`):
 Every decoded video says which backend served it and what happened on the way
 (`DecodedVideo.backend`, `.notes`); `VideoDecoder.counts` counts backends, fallbacks and failures.
 Frames are fitted into the r x r crop by the core's rule (`mm15.base.data.media`: the backends
-resize while decoding to `fit_size`, the decoder pads with `pad_to`), set by `DecodeSpec.resize`.
+resize while decoding to `fit_size`, the decoder pads as `pad_to` does), set by `DecodeSpec.resize`.
 A file no backend can read raises `VideoError` naming the file and each backend's reason.
 
 Rotation: decord applies an MP4 display matrix itself but returns mangled buffers when asked to
@@ -38,7 +44,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from mm15.base.data.media import MEAN_COLOR, ResizeMode, fit_size, pad_to, resize_pixels
+from mm15.base.data.media import MEAN_COLOR, ResizeMode, fit_size, resize_pixels
 
 from .probe import VideoInfo, probe_video
 from .sampling import FrameSampling, WindowError, sample_frame_indices
@@ -130,12 +136,42 @@ def _decord_frames(reader, indices: list[int]) -> np.ndarray:
     from decord._ffi.base import DECORDError
 
     try:
-        return reader.get_batch(indices).asnumpy()
+        return _host_array(reader.get_batch(indices))
     except DECORDError as e:
         if "packet" not in str(e).lower():  # not damaged data (e.g. a buffer size check)
             raise
         raise VideoError(f"damaged packets among the chosen frames ({_first_line(e)}); decord cannot tell "
                          "which frames are lost") from None
+
+
+def _host_array(batch) -> np.ndarray:
+    """A decord `NDArray` as numpy without copying: through DLPack into torch (a dependency
+    already), whose CPU tensors share memory with numpy. `asnumpy()` copies the whole batch, and
+    the padding to r x r copies it once more anyway. Falls back to `asnumpy()` where DLPack is
+    missing."""
+    try:
+        import torch.utils.dlpack
+
+        return torch.utils.dlpack.from_dlpack(batch.to_dlpack()).numpy()
+    except (AttributeError, ImportError, RuntimeError, TypeError):
+        return batch.asnumpy()
+
+
+def _pad_frames(frames: np.ndarray, r: int, color: tuple[int, int, int]) -> np.ndarray:
+    """(N, h, w, 3) uint8 -> (N, r, r, 3), frames top-left and margins in `color`: the result of
+    `pad_to`, written as flat rows of w*3 and r*3 bytes. numpy broadcasting a 3-value colour loops
+    over 3-byte runs, which made padding a 24-frame batch cost about a tenth of its decoding."""
+    n, h, w = frames.shape[:3]
+    if (h, w) == (r, r):
+        return frames
+    if h > r or w > r:
+        raise ValueError(f"pixels of {w}x{h} do not fit a {r}x{r} canvas")
+    out = np.empty((n, r, r * 3), np.uint8)
+    row = np.tile(np.asarray(color, np.uint8), r)  # one padded row, (r*3,)
+    out[:, :h, : w * 3] = frames.reshape(n, h, w * 3)
+    out[:, :h, w * 3:] = row[w * 3:]
+    out[:, h:] = row
+    return out.reshape(n, r, r, 3)
 
 
 def _check_replaced(replaced: int, chosen: int, spec: DecodeSpec) -> None:
@@ -301,7 +337,7 @@ class VideoDecoder:
             self.counts["failed"] += 1
             raise VideoError(str(e) if isinstance(e, VideoError) else f"{path}: {e}") from None
         self.counts[video.backend] += 1
-        video.frames = pad_to(video.frames, (self.size, self.size), self.pad_color)
+        video.frames = _pad_frames(video.frames, self.size, self.pad_color)
         return video
 
     def _decode(self, path: str, start: float | None, end: float | None) -> DecodedVideo:

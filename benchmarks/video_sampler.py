@@ -82,7 +82,7 @@ def found_libraries() -> dict[str, str]:
         pass
     import av
 
-    found["pyav"] = f"av {av.__version__} (FFmpeg {'.'.join(map(str, av.library_versions['libavcodec']))} libavcodec)"
+    found["pyav"] = f"av {av.__version__} (libavcodec {'.'.join(map(str, av.library_versions['libavcodec']))})"
     return found
 
 

@@ -89,6 +89,14 @@ class MM15Module(pl.LightningModule):
     adapter: an adapter directory from `mm15 export --kind adapter` to start from (its base LLM
         and tower are used unless `model` names others; a different base is refused).
     activation_checkpointing: recompute tower and LLM blocks in the backward pass.
+    init_on_meta: under FSDP2 (`ModelParallelStrategy`), build the model on the `meta` device,
+        shard it, and fill each rank's shards from rank 0's one full CPU build
+        (`mm15.base.training.sharding.init_sharded_from_rank0`): the same weights as building the
+        full model on every rank, in a rank's memory only its shard. None (default): on under
+        FSDP2 unless `adapter` is set (its weights load from disk into the built model, which
+        the meta build cannot do), where the full model is built on every rank as without it.
+    compile: `torch.compile` each transformer block of the tower and the LLM, after sharding and
+        activation checkpointing (`mm15.base.training.sharding.compile_blocks`).
     """
 
     preprocess_class: type[PreprocessSpec] = PreprocessSpec
@@ -100,12 +108,18 @@ class MM15Module(pl.LightningModule):
                  freeze: Components = Components(vision=False, connector=False, llm=False),
                  generation: GenerationSpec = GenerationSpec(), lora: LoraSpec | None = None,
                  quantization: QuantSpec | None = None, adapter: str | None = None,
-                 activation_checkpointing: bool = False):
+                 activation_checkpointing: bool = False, init_on_meta: bool | None = None,
+                 compile: bool = False):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.pretrained = pretrained
         self.lora, self.quantization, self.adapter = lora, quantization, adapter
         self.activation_checkpointing = activation_checkpointing
+        if init_on_meta and adapter:
+            raise ValueError("`init_on_meta: true` cannot start from an `adapter` (its weights load into the built "
+                             "model); leave `init_on_meta` unset or false")
+        self.init_on_meta = (not adapter) if init_on_meta is None else init_on_meta
+        self.compile_blocks = compile  # not `self.compile`: that is `nn.Module.compile`
         self.model_spec, crop_size, saved = self._resolve_spec(model, pretrained, adapter)
         preprocessing = self._resolve_preprocessing(preprocessing, saved)
         crop_size = preprocessing.split.crop_size
@@ -148,26 +162,50 @@ class MM15Module(pl.LightningModule):
 
     def configure_model(self) -> None:
         """Build (same random init on every rank and on resume), adapt, freeze, then shard under
-        `ModelParallelStrategy` (`self.device_mesh` set) with FSDP2."""
+        `ModelParallelStrategy` (`self.device_mesh` set) with FSDP2: by default built on `meta` and
+        filled from rank 0 (`init_on_meta`); then compile the blocks (`compile`)."""
         if self.model is not None:
             return
         mesh = self._device_mesh
         if self.quantization is not None:
             device = self.trainer.strategy.root_device if self._trainer else torch.device("cuda")
             check_quantization(self.quantization, device, sharded=mesh is not None)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)))
-            self.model = self.build_model()
-        self._frozen_fingerprint = weight_fingerprint(self.model)
+
+        def build(on_meta: bool = False) -> MM15Model:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)))
+                return self.build_model(on_meta)
+
+        precision = str(self.trainer.precision) if self._trainer else "32-true"
+        if mesh is not None and self.init_on_meta:
+            from mm15.base.training.sharding import init_sharded_from_rank0
+
+            device = self.trainer.strategy.root_device if self._trainer else torch.device("cpu")
+            self.model, measured = init_sharded_from_rank0(build, mesh["data_parallel"], device, precision)
+            self._frozen_fingerprint = measured["fingerprint"]
+        else:
+            self.model = build()
+            self._frozen_fingerprint = weight_fingerprint(self.model)
+            if mesh is not None:
+                from mm15.base.training.sharding import shard_model
+
+                shard_model(self.model, mesh["data_parallel"], precision=precision)
         self.strict_loading = not self._frozen_fingerprint  # trainable-only checkpoints when anything is frozen
-        if mesh is not None:
-            from mm15.base.training.sharding import shard_model
+        if self.compile_blocks:
+            from mm15.base.training.sharding import compile_blocks
 
-            shard_model(self.model, mesh["data_parallel"], precision=str(self.trainer.precision))
+            compile_blocks(self.model)
 
-    def build_model(self) -> MM15Model:
+    def build_model(self, on_meta: bool = False) -> MM15Model:
+        """The adapted, frozen model. `on_meta`: called under `torch.device("meta")`; a
+        `pretrained` model is then built from its configs (its weights come from rank 0)."""
         llm_kwargs = {"quantization_config": self.quantization.to_bnb()} if self.quantization else None
-        if self.pretrained:
+        if self.pretrained and on_meta:
+            from mm15.base.training.sharding import config_only_spec
+
+            spec, crop_size, _ = read_saved_spec(self.pretrained)
+            model = MM15Model.build(config_only_spec(spec), self.processor.tokenizer, crop_size, llm_kwargs)
+        elif self.pretrained:
             model = MM15Model.from_pretrained(self.pretrained, llm_kwargs)[0]
         else:
             model = MM15Model.build(self.model_spec, self.processor.tokenizer, self.processor.spec.split.crop_size,

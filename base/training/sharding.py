@@ -14,13 +14,20 @@ LoRA needs: the frozen base weight and its adapter live in the same block.
 `FSDP2Strategy` is `ModelParallelStrategy` with every process in the data-parallel dimension
 (no tensor parallelism), trainable-only sharded checkpoints and atomic checkpoint directories.
 `fsdp1_auto_wrap_policy` is the matching wrap policy for Lightning's `FSDPStrategy` (CUDA only).
+
+Meta-device initialisation (`init_sharded_from_rank0`, the module's `init_on_meta`): every rank
+builds the model on the `meta` device (no memory), shards it, and allocates only its own shards;
+rank 0 alone builds the full model on CPU once and broadcasts it, so the weights are exactly the
+ones the plain path (every rank building the full model) gives. `compile_blocks` compiles each
+transformer block after sharding and activation checkpointing are in place.
 """
 
 from __future__ import annotations
 
 import uuid
 from pathlib import Path
-from typing import Any
+from dataclasses import replace
+from typing import Any, Callable
 
 import torch
 from lightning_fabric.strategies.model_parallel import _distributed_checkpoint_load, _is_sharded_checkpoint
@@ -97,6 +104,100 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
             enable({"use_reentrant": False})
         else:  # transformers < 5
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def compile_blocks(model: nn.Module) -> list[nn.Module]:
+    """`torch.compile` the `forward` of every transformer block of the tower and the LLM, in place.
+
+    Per block, as torchtitan does with FSDP2: each block's graph is small, compiles once and is
+    reused by every block of the same class. The module's `__call__` stays eager, so the FSDP2
+    all-gather/reshard hooks and HF's activation checkpointing wrap the compiled code unchanged,
+    and parameter names (checkpoints) do not move. Returns the compiled blocks."""
+    blocks = [block for part in (model.vision, model.llm) for block in transformer_blocks(part)]
+    for block in blocks:
+        block.forward = torch.compile(block.forward)
+    return blocks
+
+
+def config_only_spec(spec: Any) -> Any:
+    """The same `ModelSpec` with every part given by its config instead of its weights (a saved
+    mm15 directory or hub names): what a meta-device build needs, since `from_pretrained` refuses
+    to run on `meta` and the weights come from rank 0 anyway."""
+    from mm15.base.model import _config, tower_parts, vision_config
+
+    vision = spec.vision
+    if vision.towers:
+        towers = [replace(t, name_or_path=None, config=vision_config(t).to_dict()) for t in tower_parts(vision)]
+        vision = replace(vision, name_or_path=None, towers=towers)
+    elif vision.name_or_path:
+        vision = replace(vision, name_or_path=None, config=vision_config(vision).to_dict())
+    llm = replace(spec.llm, name_or_path=None, config=_config(spec.llm).to_dict()) if spec.llm.name_or_path else spec.llm
+    return replace(spec, vision=vision, llm=llm)
+
+
+def _cast_like(model: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
+    """Give every parameter and buffer of a meta-device model the dtype rank 0's full model has
+    (a checkpoint saved in bf16 loads in bf16, a config build is fp32)."""
+    for name, p in list(model.named_parameters()):
+        if name in dtypes and p.dtype != dtypes[name]:
+            owner, leaf = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+            setattr(owner, leaf, nn.Parameter(p.detach().to(dtypes[name]), requires_grad=p.requires_grad))
+    for name, b in list(model.named_buffers()):
+        if name in dtypes and b.dtype != dtypes[name]:
+            owner, leaf = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+            owner._buffers[leaf] = b.to(dtypes[name])
+
+
+def on_meta(model: nn.Module) -> list[str]:
+    """Names of the parameters and buffers still on the `meta` device."""
+    return [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+
+
+def init_sharded_from_rank0(build: Callable[[bool], nn.Module], mesh: Any, device: torch.device,
+                            precision: str = "32-true") -> tuple[nn.Module, dict[str, Any]]:
+    """Build, shard and fill an `MM15Model` without any rank but 0 holding the full model.
+
+    `build(on_meta)` returns the adapted, frozen model; it is called once with `on_meta=True` on
+    every rank (under `torch.device("meta")`) and once with `False` on rank 0, whose full CPU model
+    is the source of every weight: the parameters and persistent buffers travel with
+    `set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)` (each rank keeps its
+    shard), the non-persistent buffers (rotary `inv_freq`, position ids), which `to_empty` leaves
+    uninitialised and no state dict holds, are broadcast one by one. The result therefore equals
+    the plain path's bit for bit, random init or `from_pretrained` alike.
+
+    Returns the sharded model and what rank 0 measured on the full model: `fingerprint`
+    (`weight_fingerprint` of the frozen weights, for checkpoint compatibility checks)."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from mm15.base.training.adapters import weight_fingerprint
+
+    full = build(False) if dist.get_rank() == 0 else None
+    info: list[Any] = [None]
+    if full is not None:
+        dtypes = {n: t.dtype for n, t in [*full.named_parameters(), *full.named_buffers()]}
+        info = [{"spec": getattr(full, "spec", None), "dtypes": dtypes, "fingerprint": weight_fingerprint(full)}]
+    dist.broadcast_object_list(info, src=0)
+    info = info[0]
+    with torch.device("meta"):
+        model = build(True)
+    if info["spec"] is not None:
+        model.spec = info["spec"]  # rank 0's (truncated tower, part paths), not the config-only one
+    _cast_like(model, info["dtypes"])
+    allocated = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if not t.is_meta]
+    if allocated:
+        raise RuntimeError(f"the meta-device build allocated memory: {allocated[:5]} are not on `meta`")
+    shard_model(model, mesh, precision=precision)
+    model.to_empty(device=device)
+    state = full.state_dict() if full is not None else {}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for name, buffer in model.named_buffers():  # the same order on every rank
+        with torch.no_grad():
+            if full is not None:
+                buffer.copy_(full.get_buffer(name))
+            dist.broadcast(buffer, src=0)
+    del full, state
+    return model, {"fingerprint": info["fingerprint"]}
 
 
 def fsdp1_auto_wrap_policy(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:

@@ -206,6 +206,21 @@ def test_checkpoint_of_another_config_is_refused_naming_the_difference():
         other_base.check_checkpoint(checkpoint)
 
 
+def test_checkpoint_from_before_a_new_setting_is_accepted_at_its_default():
+    """A checkpoint written before a spec field existed ran as its default does: accepted while the
+    run keeps the default, refused (naming it) when the run sets it otherwise."""
+    trained = _module(lora=LoraSpec(r=4))
+    checkpoint = {"state_dict": trained.state_dict()}
+    trained.on_save_checkpoint(checkpoint)
+    del checkpoint["mm15_run"]["model"]["llm"]["loss_reduction"]  # as written before the field existed
+    del checkpoint["mm15_run"]["lora"]["dropout"]
+    _module(lora=LoraSpec(r=4)).check_checkpoint(checkpoint)
+    changed = _module(lora=LoraSpec(r=4))
+    changed.model_spec.llm.loss_reduction = "sample"
+    with pytest.raises(ValueError, match=r"model.llm.loss_reduction: None -> 'sample'"):
+        changed.check_checkpoint(checkpoint)
+
+
 def test_fingerprint_tells_bases_apart():
     a, b = _module(), _module()
     check_fingerprint(weight_fingerprint(a.model.llm, False), weight_fingerprint(b.model.llm, False), "x", "fix")

@@ -187,7 +187,23 @@ def run_signature(model_spec: Any, lora: Any, quantization: Any, freeze: Any, mo
     trainable = sorted(f"{n}:{tuple(p.shape)}" for n, p in module.named_parameters() if p.requires_grad)
     digest = hashlib.sha1("\n".join(trainable).encode()).hexdigest()[:16]
     return {"model": spec, "lora": _plain(lora), "quantization": _plain(quantization), "freeze": _plain(freeze),
-            "trainable": {"count": len(trainable), "digest": digest}}
+            "trainable": {"count": len(trainable), "digest": digest},
+            "defaults": {"model": _plain(type(model_spec)()), "lora": _default(lora), "quantization": _default(quantization),
+                         "freeze": _default(freeze)}}
+
+
+def _default(value: Any) -> Any:
+    return _plain(type(value)()) if is_dataclass(value) else None
+
+
+def _settings_added_since(saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any]) -> set[str]:
+    """Flattened keys the saved signature lacks while the current run holds them at their default:
+    settings added to the specs after the checkpoint was written, which it ran without, i.e. as
+    their default does (an older checkpoint stays usable when a new option appears)."""
+    from mm15.base.specs import _flatten
+
+    old, new, default = _flatten(saved), _flatten(current), _flatten(defaults)
+    return {k for k in set(new) - set(old) if k in default and default[k] == new[k]}
 
 
 def check_compatible(checkpoint: dict[str, Any], current: dict[str, Any], trainable: set[str], where: str) -> None:
@@ -197,8 +213,9 @@ def check_compatible(checkpoint: dict[str, Any], current: dict[str, Any], traina
     from mm15.base.specs import diff_specs
 
     saved = checkpoint["mm15_run"]
-    diffs = diff_specs({k: v for k, v in saved.items() if k != "frozen"},
-                       {k: v for k, v in current.items() if k != "frozen"})
+    compared = [{k: v for k, v in sig.items() if k not in ("frozen", "defaults")} for sig in (saved, current)]
+    added = _settings_added_since(*compared, current.get("defaults") or {})
+    diffs = [d for d in diff_specs(*compared) if d.split(":")[0] not in added]
     if diffs:
         raise ValueError(
             f"{where} was written by another configuration:\n  " + "\n  ".join(diffs[:20])

@@ -10,6 +10,8 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 import pytest
 import yaml
 
@@ -80,6 +82,7 @@ def test_prepare_and_plan_commands(tmp_path, monkeypatch, capsys):
     plan_main(["--config", "run.yaml"])
     out = capsys.readouterr().out
     assert "global batch 4: " in out and "1 steps per epoch of 4 samples" in out
+    assert "micro-batch 2: padding is " in out and "packed into rows of up to 4096: " in out
     report = json.loads(Path("run/plan_train.json").read_text())
     (source,) = report["sources"]
     assert source["records"] == 4 and source["share"] == 1.0 and source["repetition"] == 1.0
@@ -92,3 +95,14 @@ def test_prepare_and_plan_commands(tmp_path, monkeypatch, capsys):
     (source,) = json.loads(Path("raw/plan_train.json").read_text())["sources"]
     assert source["records"] == 6 and source["skip_reasons"] == {"image file not found": 1}
     assert source["over_max_length"] == 1 and source["max"] > 512
+
+
+def test_padding_estimate_against_a_hand_count():
+    from mm15.base.data.packing import PackSpec
+    from mm15.base.data.plan import padding_estimate
+
+    est = padding_estimate(np.array([100, 100, 100, 100]), 2, PackSpec(max_tokens=300))
+    assert est["padding_padded"] == 0 and est["padding_packed"] == 0
+    est = padding_estimate(np.array([10, 90, 10, 90, 10, 90, 10, 90]), 8, PackSpec(max_tokens=200), seed=1)
+    assert est["padding_padded"] == 1 - 400 / 720  # 8 rows of 90
+    assert est["padding_packed"] == 0  # 2 rows of exactly 200: 90+90+10+10 each

@@ -143,8 +143,29 @@ def plan_data(datamodule: Any, processor: MM15Processor, split: str = "train", w
         epoch, mean = overall["samples"], overall.get("mean", 0.0)
     batch = datamodule.global_batch_size or datamodule.batch_size * world_size * accumulation
     steps = {"global_batch": batch, "epoch_samples": int(epoch), "steps_per_epoch": int(epoch // batch),
-             "tokens_per_step": mean * batch}
+             "tokens_per_step": mean * batch,
+             **padding_estimate(everything, datamodule.batch_size, getattr(datamodule, "packing", None), datamodule.seed)}
     return {"split": split, "max_length": max_length, "sources": rows, "overall": overall, "steps": steps}, per_source
+
+
+def padding_estimate(tokens: np.ndarray, micro_batch: int, packing: Any, seed: int = 0) -> dict[str, Any]:
+    """Padding as a fraction of the tokens a step computes, over shuffled micro-batches of these
+    lengths: padded to the longest sample, and packed into rows (`packing`, or rows of 4096)."""
+    from mm15.base.data.packing import PackSpec, balanced_rows
+
+    if not len(tokens):
+        return {}
+    spec = packing or PackSpec(max_tokens=4096)
+    order = np.random.default_rng(seed).permutation(len(tokens))
+    padded = packed = 0
+    for s in range(0, len(order), micro_batch):
+        lengths = [int(tokens[i]) for i in order[s:s + micro_batch]]
+        padded += len(lengths) * max(lengths)
+        rows = balanced_rows(lengths, spec)
+        packed += len(rows) * max(sum(lengths[i] for i in r) for r in rows)
+    real = int(tokens.sum())
+    return {"micro_batch": micro_batch, "pack_tokens": spec.max_tokens,
+            "padding_padded": 1 - real / padded, "padding_packed": 1 - real / packed}
 
 
 def _resolved(sample: Sample, root: str | None, entry: Any, resolve: Any, curate: Any) -> Sample | Skip:
@@ -169,6 +190,9 @@ def format_plan(report: dict[str, Any]) -> str:
     s = report["steps"]
     lines.append(f"global batch {s['global_batch']}: {s['tokens_per_step']:.0f} tokens per optimizer step (mean), "
                  f"{s['steps_per_epoch']} steps per epoch of {s['epoch_samples']} samples")
+    if "padding_padded" in s:
+        lines.append(f"micro-batch {s['micro_batch']}: padding is {100 * s['padding_padded']:.1f}% of the tokens computed; "
+                     f"packed into rows of up to {s['pack_tokens']}: {100 * s['padding_packed']:.1f}%")
     return "\n".join(lines)
 
 

@@ -92,12 +92,18 @@ class LLMSpec(PartSpec):
     docs/reference.md, section 1). attn_implementation: passed to transformers (`sdpa`, `eager`, ...).
     loss_reduction: `token` (default: the mean over every target token of the batch, so a sample
     weighs by its answer length) or `sample` (the mean over each sample's target tokens, then over
-    samples: a one-word answer weighs as much as a 15-token box) [choice; MM1.5 does not say]."""
+    samples: a one-word answer weighs as much as a 15-token box) [choice; MM1.5 does not say].
+    fused_loss: compute the target-position loss with liger-kernel's fused linear cross-entropy
+    (`LigerFusedLinearCrossEntropyLoss`: from the hidden states and the output-embedding weight, in
+    chunks, never the (N, V) logits: with a 150k vocabulary those are the largest activation of a
+    step). Needs a CUDA GPU and `pip install liger-kernel` (the `liger` extra); refused at build time
+    without them. Same reductions as without it."""
 
     router_aux_loss_weight: float = 0.01
     router_z_loss_weight: float = 0.001
     attn_implementation: str = "sdpa"
     loss_reduction: Literal["token", "sample"] = "token"
+    fused_loss: bool = False
 
 
 @dataclass
@@ -258,6 +264,7 @@ class MM15Model(nn.Module):
     @classmethod
     def build(cls, spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, crop_size: int,
               llm_kwargs: dict[str, Any] | None = None) -> "MM15Model":
+        check_fused_loss(spec.llm)
         vision = _load_towers(spec.vision) if spec.vision.towers else _load_vision(spec.vision)
         spec = ModelSpec(truncate_vision(vision, spec.vision), spec.llm, spec.connector, spec.tokenizer)
         freeze_unused_vision(vision, spec.vision.feature_layer)
@@ -324,27 +331,32 @@ class MM15Model(nn.Module):
             out = decoder(inputs_embeds=embeds, attention_mask=None, position_ids=position_ids, use_cache=False, **kwargs)
         if labels is None:
             return MM15Output(loss=None)
-        # Project only positions that have a target: (N, D) -> (N, V), never the full (B, T, V).
+        # Project only positions that have a target: (N, D) -> (N, V), never the full (B, T, V);
+        # with `fused_loss`, not even (N, V): liger's kernel goes from (N, D) to the loss in chunks.
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
         hidden = out.last_hidden_state[:, :-1][keep]
-        logits = self.llm.get_output_embeddings()(hidden)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32 for the loss
-        if not keep.any():
-            lm_loss = logits.sum() * 0.0
-        elif self.spec.llm.loss_reduction == "sample":
-            per_token = F.cross_entropy(logits, targets[keep], reduction="none")
+        head = self.llm.get_output_embeddings()
+        by_sample = self.spec.llm.loss_reduction == "sample"
+        if not keep.any():  # (0, V) logits: every head parameter still gets a (zero) gradient
+            lm_loss = head(hidden).float().sum() * 0.0
+        elif self.spec.llm.fused_loss:
+            lm_loss = fused_linear_cross_entropy(hidden, head, targets[keep], "none" if by_sample else "mean")
+        else:
+            logits = head(hidden)
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32 for the loss
+            lm_loss = F.cross_entropy(logits, targets[keep], reduction="none" if by_sample else "mean")
+        if keep.any() and by_sample:
+            per_token = lm_loss.float()
             if sample_index is None:
                 row = keep.nonzero()[:, 0]  # the sample of each kept position
                 counts = keep.sum(1)
             else:  # packed rows: the sample of each kept position, from the collate
                 row = sample_index[:, 1:][keep]
                 counts = torch.bincount(row, minlength=int(sample_index.max()) + 1)
-            per_sample = torch.zeros(len(counts), device=logits.device, dtype=per_token.dtype).index_add_(0, row, per_token)
+            per_sample = torch.zeros(len(counts), device=per_token.device, dtype=per_token.dtype).index_add_(0, row, per_token)
             has = counts > 0
             lm_loss = (per_sample[has] / counts[has]).mean()
-        else:
-            lm_loss = F.cross_entropy(logits, targets[keep])
         aux = self._router_aux_loss(out, attention_mask) if self._is_moe else None
         z_loss = router_z_loss(getattr(out, "router_logits", None), attention_mask) if self._is_moe else None
         loss = lm_loss if aux is None else lm_loss + self.spec.llm.router_aux_loss_weight * aux
@@ -397,6 +409,36 @@ class MM15Model(nn.Module):
         model = cls.build(spec, tokenizer, crop_size, llm_kwargs)
         model.connector.load_state_dict(load_file(Path(directory) / "connector.safetensors"))
         return model, tokenizer, preprocessing
+
+
+FUSED_LOSS_NEEDS = ("`llm.fused_loss: true` computes the loss with liger-kernel's fused linear cross-entropy, "
+                    "which runs on CUDA GPUs only: install it with `pip install liger-kernel` (or `pip install "
+                    "\"mm15[liger]\"`) on a machine with a CUDA GPU, or set `llm.fused_loss: false`")
+
+
+def check_fused_loss(spec: LLMSpec) -> None:
+    """Refuse `fused_loss` where liger-kernel cannot run (not installed, or no CUDA device), at
+    build time rather than at the first loss."""
+    if not spec.fused_loss:
+        return
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(f"{FUSED_LOSS_NEEDS} (liger_kernel is not installed: {e})") from e
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"{FUSED_LOSS_NEEDS} (no CUDA device is visible)")
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor,
+                               reduction: Literal["mean", "none"]) -> torch.Tensor:
+    """Cross-entropy of `head(hidden)` against `targets` without materialising the logits
+    (liger-kernel, imported here: it is optional). `reduction="none"`: one loss per position."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    if not isinstance(head, nn.Linear):  # an adapter-wrapped head: its weight alone is not the projection
+        raise ValueError(f"`llm.fused_loss` needs a plain linear output embedding, not {type(head).__name__}")
+    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction=reduction)
+    return loss(head.weight, hidden.contiguous(), targets, head.bias)
 
 
 def router_z_loss(router_logits: Any, attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:

@@ -6,14 +6,23 @@ Model (random init from configs, nothing downloaded): CLIP ViT-L/14 tower (24 la
 run at 672 px: 48 x 48 patches, position embeddings interpolated), C-Abstractor (144 tokens, width
 1024, depth 3), Qwen2-1.5B-shaped LLM (28 layers, width 1536, GQA 12/2 heads, vocab 151936). Full
 fine-tuning (every part trainable), AdamW. FSDP2 exactly as training uses it
-(`mm15.base.training.sharding.shard_model`, bf16 parameters for compute, fp32 gradient reduction).
+(`mm15.base.training.sharding.shard_model`, bf16 parameters for compute, fp32 gradient reduction),
+built as training builds it: on the `meta` device, sharded, then filled from one full CPU build
+(`init_sharded_from_rank0`, the module's `init_on_meta`).
+
+Options: `--packing` also measures a length mix (samples of 1 to `--frames` crops and 1/4 to 1x
+`--text` tokens) as padded rows and as packed rows (`mm15.base.data.packing.pack_collate`; the LLM
+with `flash_attention_2` when flash-attn is importable, else `sdpa`), tokens/s counting real
+tokens only. `--compile`: every block compiled (`MM15Module(compile=True)`). `--fused-loss`: the
+loss through liger-kernel's fused linear cross-entropy (`llm.fused_loss`).
 
 Model FLOPs are counted with `torch.utils.flop_counter.FlopCounterMode` on a step without
 activation checkpointing (recomputation is not counted, the usual MFU convention). Target: MFU >= 45 %.
 
     python benchmarks/gpu_train_step.py                          # CUDA machine
     python benchmarks/gpu_train_step.py --frames 10 --batch 2 --text 512 --out results.json
-    python benchmarks/gpu_train_step.py --smoke                  # tiny model, runs on CPU (gloo)
+    python benchmarks/gpu_train_step.py --packing --compile --fused-loss
+    python benchmarks/gpu_train_step.py --smoke [--packing]      # tiny model, runs on CPU (gloo)
 """
 
 from __future__ import annotations
@@ -29,9 +38,10 @@ import torch
 import torch.distributed as dist
 
 from mm15.base.connector import ConnectorSpec
+from mm15.base.data.packing import PackSpec, pack_collate
 from mm15.base.data.sample import IGNORE_INDEX
 from mm15.base.model import LLMSpec, MM15Model, ModelSpec, VisionSpec, load_tokenizer
-from mm15.base.training.sharding import enable_activation_checkpointing, shard_model
+from mm15.base.training.sharding import compile_blocks, enable_activation_checkpointing, init_sharded_from_rank0
 
 VIT_L = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
              num_attention_heads=16, image_size=336, patch_size=14)
@@ -58,6 +68,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peak_tflops", type=float, default=None, help="override the device's bf16 peak")
     p.add_argument("--max_frames", type=int, default=256, help="upper end of the largest-frame-count search (0: skip)")
     p.add_argument("--smoke", action="store_true", help="tiny model, 2 steps, no search: checks the script on CPU")
+    p.add_argument("--packing", action="store_true", help="also measure a length mix, padded and packed")
+    p.add_argument("--compile", action="store_true", help="torch.compile every tower and LLM block")
+    p.add_argument("--fused-loss", dest="fused_loss", action="store_true",
+                   help="liger-kernel fused linear cross-entropy (CUDA + `pip install liger-kernel`)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     return p.parse_args(argv)
 
@@ -86,19 +100,48 @@ def init_process_group(device: torch.device) -> bool:
     return True
 
 
+def attention_implementation(device: torch.device) -> str:
+    """`flash_attention_2` where flash-attn can run (CUDA, importable): packed rows then attend
+    through its variable-length kernel; else `sdpa`."""
+    if device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+_FULL: dict[tuple, MM15Model] = {}  # rank 0's full CPU build, the source of every rebuild's weights
+
+
 def build(args: argparse.Namespace, device: torch.device, checkpointing: bool) -> tuple[MM15Model, Any]:
     vision, llm = (TINY_VISION, TINY_LLM) if args.smoke else (VIT_L, QWEN2_1_5B)
     connector = ConnectorSpec(num_tokens=4, hidden_size=32, depth=1) if args.smoke else ConnectorSpec()
-    spec = ModelSpec(VisionSpec(config=vision), LLMSpec(config=llm), connector, tokenizer="tiny")
-    with torch.device(device):  # random init directly on the GPU
+    llm_spec = LLMSpec(config=llm, attn_implementation=attention_implementation(device), fused_loss=args.fused_loss)
+    spec = ModelSpec(VisionSpec(config=vision), llm_spec, connector, tokenizer="tiny")
+
+    def make(on_meta: bool) -> MM15Model:
+        if not on_meta:  # the same weights for every configuration: built once
+            key = (args.smoke, args.crop, args.fused_loss)
+            if key not in _FULL:
+                torch.manual_seed(0)
+                with torch.device("cpu"):
+                    _FULL[key] = MM15Model.build(spec, load_tokenizer(spec), crop_size=args.crop).requires_grad_(True)
+            return _FULL[key]
         model = MM15Model.build(spec, load_tokenizer(spec), crop_size=args.crop)
-    model.requires_grad_(True)
-    if checkpointing:
-        enable_activation_checkpointing(model)
+        model.requires_grad_(True)
+        if checkpointing:
+            enable_activation_checkpointing(model)
+        return model
+
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    shard_model(model, mesh, precision="bf16-mixed")
+    model, _ = init_sharded_from_rank0(make, mesh, device, precision="bf16-mixed")
+    if args.compile:
+        compile_blocks(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
     return model, optimizer
 
@@ -116,9 +159,44 @@ def make_batch(model: MM15Model, args: argparse.Namespace, frames: int, device: 
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "pixel_values": pixels}
 
 
+def mixed_items(model: MM15Model, args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """2 x `batch` samples of a length mix: crops cycling over `frames`, 1, `frames` / 2, 2 and
+    text over 1, 1/4, 1/2, 3/4 of `text` (loss on the second half of the text)."""
+    items = []
+    for i in range(2 * args.batch):
+        frames = max(1, [args.frames, 1, args.frames // 2, 2][i % 4])
+        n_text = max(2, args.text * [4, 1, 2, 3][(i + 1) % 4] // 4)
+        half = n_text // 2
+        text = [(k + 7 * i) % 250 + 1 for k in range(n_text)]
+        ids = torch.tensor(text[:half] + [model.image_token_id] * (frames * model.tokens_per_crop) + text[half:])
+        labels = ids.clone()
+        labels[: len(ids) - (n_text - half)] = IGNORE_INDEX
+        items.append({"input_ids": ids, "labels": labels, "layouts": [], "id": str(i), "task": "mix", "answer": "",
+                      "meta": {}, "pixel_values": torch.randn(frames, 3, args.crop, args.crop, device=device)})
+    return items
+
+
+def mixed_batch(items: list[dict[str, Any]], packed: bool, device: torch.device) -> dict[str, Any]:
+    """The length mix as packed rows (each as long as the longest sample) or as padded rows."""
+    if packed:
+        batch = pack_collate(items, PackSpec(max_tokens=max(len(x["input_ids"]) for x in items)), pad_token_id=0)
+        keys = ("input_ids", "labels", "attention_mask", "position_ids", "sample_index")
+        return {**{k: batch[k].to(device) for k in keys}, "pixel_values": batch["pixel_values"]}
+    width = max(len(x["input_ids"]) for x in items)
+    ids = torch.zeros(len(items), width, dtype=torch.long)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    mask = torch.zeros_like(ids)
+    for r, x in enumerate(items):
+        n = len(x["input_ids"])
+        ids[r, :n], labels[r, :n], mask[r, :n] = x["input_ids"], x["labels"], 1
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device),
+            "pixel_values": torch.cat([x["pixel_values"] for x in items])}
+
+
 def train_step(model: MM15Model, optimizer: Any, batch: dict[str, Any]) -> float:
     features = model.encode_media(batch["pixel_values"])  # (C, M, D), as MM15Module.media_features
-    out = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"], media_features=features)
+    out = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"], media_features=features,
+                position_ids=batch.get("position_ids"), sample_index=batch.get("sample_index"))
     out.loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -139,9 +217,15 @@ def count_flops(model: MM15Model, optimizer: Any, batch: dict[str, Any]) -> floa
     return float(counter.get_total_flops())
 
 
-def measure(args: argparse.Namespace, device: torch.device, checkpointing: bool, flops: float | None) -> dict[str, Any]:
+def measure(args: argparse.Namespace, device: torch.device, checkpointing: bool, flops: float | None,
+            layout: str = "uniform") -> dict[str, Any]:
+    """One configuration; `layout`: `uniform` (every sample `frames` crops and `text` tokens), or the
+    length mix `padded` / `packed`."""
     model, optimizer = build(args, device, checkpointing)
-    batch = make_batch(model, args, args.frames, device)
+    if layout == "uniform":
+        batch = make_batch(model, args, args.frames, device)
+    else:
+        batch = mixed_batch(mixed_items(model, args, device), layout == "packed", device)
     if flops is None:
         flops = count_flops(model, optimizer, batch)
     for _ in range(args.warmup):
@@ -154,15 +238,17 @@ def measure(args: argparse.Namespace, device: torch.device, checkpointing: bool,
         loss = train_step(model, optimizer, batch)
     sync(device)
     step_s = (time.perf_counter() - start) / args.steps
-    tokens = batch["input_ids"].numel()
+    tokens = int(batch["attention_mask"].sum())  # real tokens: padding is not throughput
     peak = device_peak(args, device)
-    result = {"activation_checkpointing": checkpointing, "step_s": step_s, "tokens_per_s": tokens / step_s,
+    result = {"layout": layout, "rows": int(batch["input_ids"].shape[0]), "row_tokens": int(batch["input_ids"].shape[1]),
+              "compile": args.compile, "fused_loss": args.fused_loss,
+              "activation_checkpointing": checkpointing, "step_s": step_s, "tokens_per_s": tokens / step_s,
               "tokens_per_step": tokens, "model_tflops_per_step": flops / 1e12, "achieved_tflops": flops / step_s / 1e12,
               "mfu": flops / step_s / peak if peak else None, "loss": loss,
               "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
     del model, optimizer, batch
     free(device)
-    if args.max_frames and device.type == "cuda":
+    if args.max_frames and device.type == "cuda" and layout == "uniform":
         result["max_frames_batch1"] = largest_frames(args, device, checkpointing)
     return result
 
@@ -206,12 +292,16 @@ def largest_frames(args: argparse.Namespace, device: torch.device, checkpointing
 
 def report(results: list[dict[str, Any]], args: argparse.Namespace, device: torch.device) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke test: no meaningful figures)"
-    print(f"\n{name}: batch {args.batch} x ({args.frames} crops x {args.crop} px + {args.text} text tokens), FSDP2 bf16")
-    print(f"{'act. ckpt':>9} {'step s':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9} {'max frames':>10}")
+    print(f"\n{name}: batch {args.batch} x ({args.frames} crops x {args.crop} px + {args.text} text tokens), FSDP2 bf16, "
+          f"meta-device init, attention {attention_implementation(device)}, compile {args.compile}, "
+          f"fused loss {args.fused_loss}")
+    print(f"{'layout':>8} {'rows x len':>11} {'act. ckpt':>9} {'step s':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} "
+          f"{'peak GiB':>9} {'max frames':>10}")
     for r in results:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
-        print(f"{str(r['activation_checkpointing']):>9} {r['step_s']:8.3f} {r['tokens_per_s']:10.0f} "
+        shape = f"{r['rows']} x {r['row_tokens']}"
+        print(f"{r['layout']:>8} {shape:>11} {str(r['activation_checkpointing']):>9} {r['step_s']:8.3f} {r['tokens_per_s']:10.0f} "
               f"{r['achieved_tflops']:8.1f} {mfu:>6} {mem:>9} {r.get('max_frames_batch1', '-'):>10}")
 
 
@@ -228,10 +318,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         torch.cuda.set_device(device)
     created = init_process_group(device)
     try:
-        results, flops = [], None
-        for checkpointing in (False, True):
-            results.append(measure(args, device, checkpointing, flops))
-            flops = results[0]["model_tflops_per_step"] * 1e12  # model FLOPs exclude recomputation
+        results = []
+        for layout in ("uniform", *(("padded", "packed") if args.packing else ())):
+            flops = None
+            for checkpointing in (False, True):
+                results.append(measure(args, device, checkpointing, flops, layout))
+                flops = results[-1]["model_tflops_per_step"] * 1e12  # model FLOPs exclude recomputation
         report(results, args, device)
         if args.out:
             with open(args.out, "w") as f:

@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from mm15.base.attention import register as register_attention
 from mm15.base.connector import ConnectorSpec, build_connector, connector_class, tokens_per_crop
 from mm15.base.data.sample import IGNORE_INDEX, IMAGE_TOKEN
 from mm15.base.towers import VisionTowers, common_grid, concat_on_grid, patch_tokens, tower_hidden_states, tower_sides
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from mm15.base.data.media import MediaLayout
 
 SPEC_FILE = "mm15_config.json"
+register_attention()  # `llm.attn_implementation: packed_sdpa` (mm15.base.attention)
 
 
 @dataclass
@@ -437,8 +439,10 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: t
 
     if not isinstance(head, nn.Linear):  # an adapter-wrapped head: its weight alone is not the projection
         raise ValueError(f"`llm.fused_loss` needs a plain linear output embedding, not {type(head).__name__}")
-    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction=reduction)
-    return loss(head.weight, hidden.contiguous(), targets, head.bias)
+    out = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction=reduction)(
+        head.weight, hidden.contiguous(), targets, head.bias)
+    out = out[0] if isinstance(out, tuple) else out  # (loss, z_loss) in versions that may add the z-loss
+    return getattr(out, "loss", out)  # newer versions can return an output record
 
 
 def router_z_loss(router_logits: Any, attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:

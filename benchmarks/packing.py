@@ -1,7 +1,7 @@
 """Training tokens per second: packed rows against padded batches, and transformers' LLaVA (padded),
 on the same samples, with length mixes of three kinds of data.
 
-    python benchmarks/packing.py                       # CPU-sized model, 96 samples per mix
+    python benchmarks/packing.py                       # CPU-sized model, 48 samples per mix
     python benchmarks/packing.py --device cuda --hidden 1024 --layers 8 --image 224 --patch 14
 
 Mixes (crops per sample from the configs' splitting rules, text lengths as described):
@@ -20,7 +20,10 @@ batch with a 24-frame video) is cut into micro-batches of `--batch` samples, and
 on the same micro-batches (forward, backward, AdamW step):
 
 * `padded` (the baseline): mm15, each micro-batch right-padded to its longest sample;
-* `packed`: mm15, the same samples packed into rows of `--pack-tokens` (`pack_collate`);
+* `packed`: mm15, the same samples packed into rows of `--pack-tokens` (`pack_collate`), attention
+  per sample (`llm.attn_implementation: packed_sdpa`);
+* `packed-mask`: the same rows through transformers' SDPA with its block-diagonal mask over each
+  whole row (what `sdpa` does with packed rows: the cost grows with the square of the row length);
 * `budget`: mm15, padded micro-batches chosen by length under a token budget (`budget_batches`,
   budget = `--batch` x the mix's mean length), so steps hold varying sample counts;
 * `llava`: `LlavaForConditionalGeneration` with the same tower, Llama and the padded batches.
@@ -33,6 +36,7 @@ ratio to `padded` measured in the same run. The last line is the ratio for `all`
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import sys
 import time
@@ -136,7 +140,7 @@ def run(model, batches: list[dict], mode: str, args) -> tuple[float, int, int]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--samples", type=int, default=96, help="samples per mix")
+    p.add_argument("--samples", type=int, default=48, help="samples per mix")
     p.add_argument("--batch", type=int, default=8, help="samples per padded micro-batch")
     p.add_argument("--pack-tokens", type=int, default=2048, help="tokens per packed row")
     p.add_argument("--image", type=int, default=64)
@@ -159,6 +163,9 @@ def main() -> None:
     spec = ModelSpec(VisionSpec(config=vision, feature_layer=-2), LLMSpec(config=llm), ConnectorSpec(kind="mlp"), tokenizer="tiny")
     tokenizer = load_tokenizer(spec)
     ours = MM15Model.build(spec, tokenizer, crop_size=args.image).to(args.device).train()
+    masked = copy.deepcopy(ours)
+    masked.llm.set_attn_implementation("sdpa")
+    ours.llm.set_attn_implementation("packed_sdpa")  # SDPA itself on padded rows (no position restarts)
     llava = None if args.no_llava else build_llava(vision, llm, ours.image_token_id).to(args.device).train()
     processor = MM15Processor(tokenizer, PreprocessSpec(split=SplitSpec(crop_size=args.image)), ours.tokens_per_crop)
     rng, g = np.random.default_rng(0), torch.Generator().manual_seed(0)
@@ -170,7 +177,7 @@ def main() -> None:
     pad = processor.tokenizer.pad_token_id
     print(f"device={args.device} model: tower {args.vision_hidden}x{args.vision_layers}, Llama {args.hidden}x{args.layers}, "
           f"{ours.tokens_per_crop} tokens per crop; micro-batch {args.batch} samples, packed rows of {args.pack_tokens} tokens")
-    print(f"{'mix':6s} {'method':7s} {'pad frac':>8s} {'tokens/s':>9s} {'target/s':>9s} {'ratio':>6s}  lengths p50/p90/max")
+    print(f"{'mix':6s} {'method':11s} {'pad frac':>8s} {'tokens/s':>9s} {'target/s':>9s} {'ratio':>6s}  lengths p50/p90/max")
     ratio = None
     for name in args.mixes.split(","):
         items = make_items(shapes[name], ours.tokens_per_crop, ours.image_token_id, args.image, args.vocab, g)
@@ -180,7 +187,9 @@ def main() -> None:
         grouped = [[items[i] for i in b] for b in budget_batches(lengths, list(range(len(items))), budget)]
         methods = {"padded": (ours, [processor.collate(b) for b in groups]),
                    "packed": (ours, [pack_collate(b, pack, pad) for b in groups]),
+                   "packed-mask": (masked, None),
                    "budget": (ours, [processor.collate(b) for b in grouped])}
+        methods["packed-mask"] = (masked, methods["packed"][1])
         if llava is not None:
             methods["llava"] = (llava, methods["padded"][1])
         rates = {}
@@ -188,7 +197,7 @@ def main() -> None:
             seconds, real, targets = run(model, batches, "llava" if method == "llava" else "mm15", args)
             padded_tokens = sum(b["input_ids"].numel() for b in batches)
             rates[method] = real / seconds
-            print(f"{name:6s} {method:7s} {1 - real / padded_tokens:8.3f} {real / seconds:9.0f} {targets / seconds:9.0f} "
+            print(f"{name:6s} {method:11s} {1 - real / padded_tokens:8.3f} {real / seconds:9.0f} {targets / seconds:9.0f} "
                   f"{rates[method] / rates['padded']:6.2f}  {int(np.median(lengths))}/{int(np.percentile(lengths, 90))}/{max(lengths)}")
         ratio = rates["packed"] / rates["padded"]
     print(f"packed/padded tokens/s ratio: {ratio:.2f}")

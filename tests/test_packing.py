@@ -75,11 +75,13 @@ def loss_and_grads(model: MM15Model, batch: dict) -> tuple[torch.Tensor, dict[st
     return out.loss.detach(), grads, out
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "packed_sdpa"])
 @pytest.mark.parametrize("reduction", ["token", "sample"])
 @pytest.mark.parametrize("model_type", list(LLMS))
-def test_packed_loss_and_gradients_equal_padded(items, model_type, reduction):
+def test_packed_loss_and_gradients_equal_padded(items, model_type, reduction, attn):
+    """`sdpa`: transformers' block-diagonal mask over each row; `packed_sdpa`: SDPA per sample."""
     processor, processed = items
-    model = build(model_type, reduction)
+    model = build(model_type, reduction, attn)
     padded = processor.collate(processed)
     packed = pack_collate(processed, PackSpec(max_tokens=200), processor.tokenizer.pad_token_id)
     assert packed["rows"] < len(processed)  # several samples share a row
@@ -108,10 +110,11 @@ def test_eager_attention_packs_too(items):
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_attention_stays_inside_each_sample(items):
+@pytest.mark.parametrize("attn", ["sdpa", "packed_sdpa"])
+def test_attention_stays_inside_each_sample(items, attn):
     """Changing one sample's tokens changes no other sample's hidden states in the packed row."""
     processor, processed = items
-    model = build("llama", "token")
+    model = build("llama", "token", attn)
     spec = PackSpec(max_tokens=10_000)  # everything in one row
     batch = pack_collate(processed, spec, processor.tokenizer.pad_token_id)
     assert batch["rows"] == 1
@@ -260,3 +263,22 @@ def test_token_budget_through_the_cli(tmp_path, monkeypatch):
     sampler = cli.datamodule.train_sampler
     assert isinstance(sampler, TokenBudgetSampler) and sampler.consumed_batches == 4
     assert all(sum(sampler.lengths[i] for i in b) <= 1024 for b in sampler.batches())
+
+
+def test_packed_sdpa_leaves_padded_batches_and_generation_to_sdpa(items):
+    """Without restarts in the position ids (padded rows, generation) `packed_sdpa` is SDPA."""
+    from mm15.base.attention import segments
+
+    processor, processed = items
+    a, b = build("llama", "sample", "sdpa"), build("llama", "sample", "packed_sdpa")
+    padded = processor.collate(processed)
+    loss_a, _, _ = loss_and_grads(a, padded)
+    loss_b, _, _ = loss_and_grads(b, padded)
+    assert loss_a == loss_b
+    prompts = processor.collate(processed[:2], padding_side="left")
+    pixels = prompts["pixel_values"].float().div(255)
+    kwargs = dict(pixel_values=pixels, max_new_tokens=5, do_sample=False)
+    assert torch.equal(a.generate(prompts["input_ids"], prompts["attention_mask"], **kwargs),
+                       b.generate(prompts["input_ids"], prompts["attention_mask"], **kwargs))
+    assert segments(torch.arange(6).view(1, 6)) is None
+    assert segments(torch.tensor([[0, 1, 2, 0, 1, 0]])) == [[(0, 3), (3, 5), (5, 6)]]

@@ -52,7 +52,7 @@ from mm15.base.data.media import fit_size, resize_pixels
 from mm15.base.data.sample import IMAGE_TOKEN
 from mm15.base.data.splitting import SplitSpec
 from mm15.base.tiny import tiny_tokenizer
-from mm15.data_builders.synthetic_video import write_video
+from mm15.data_builders.synthetic_video import truncated_with_index_first, write_video
 from mm15.video.decoding import DecodeSpec, VideoDecoder
 from mm15.video.processor import VideoPreprocessSpec, VideoProcessor, VideoSpec
 from mm15.video.sampling import FrameSampling
@@ -115,21 +115,6 @@ def vfr_times(seconds: float) -> list[float]:
     return times
 
 
-def faststart_cut(src: Path, dst: Path, keep: float = 0.6) -> None:
-    """`src` with its index moved to the front (as `-movflags faststart` does), cut to `keep` of its bytes."""
-    import av
-
-    fast = dst.with_name(dst.stem + "_full.mp4")
-    with av.open(str(src)) as inp, av.open(str(fast), "w", options={"movflags": "faststart"}) as out:
-        stream = out.add_stream_from_template(inp.streams.video[0])
-        for packet in inp.demux(inp.streams.video[0]):
-            if packet.dts is not None:
-                packet.stream = stream
-                out.mux(packet)
-    data = fast.read_bytes()
-    dst.write_bytes(data[: int(len(data) * keep)])
-
-
 def make_clips(workdir: Path, args: argparse.Namespace) -> list[tuple[str, Path]]:
     clips = []
     for name, seconds in (("short", args.short_seconds), ("long", args.long_seconds)):
@@ -145,7 +130,7 @@ def make_clips(workdir: Path, args: argparse.Namespace) -> list[tuple[str, Path]
             write_video(path, kw.pop("frames"), fps=FPS, **kw)
     cut = workdir / "truncated.mp4"
     if not cut.exists():
-        faststart_cut(workdir / f"short_{FPS * 10}.mp4", cut)
+        truncated_with_index_first(workdir / f"short_{FPS * 10}.mp4", cut)
     return [(name, path) for name, path, _ in clips] + [("truncated", cut)]
 
 

@@ -70,6 +70,24 @@ def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: float = 8.0
     _write_h264(path, frames, first.shape[:2], fps, lossless, gop, rotation, times)
 
 
+
+def truncated_with_index_first(src: str | Path, dst: str | Path, keep: float = 0.6) -> None:
+    """`src` remuxed with its index at the front (as `ffmpeg -movflags faststart` writes it), then
+    cut to `keep` of its bytes: a download that stopped early, whose frames up to the cut can
+    still be found (with the index at the end, as `write_video` leaves it, a cut loses them all)."""
+    import av
+
+    dst = Path(dst)
+    full = dst.with_name(dst.stem + "_full.mp4")
+    with av.open(str(src)) as inp, av.open(str(full), "w", options={"movflags": "faststart"}) as out:
+        stream = out.add_stream_from_template(inp.streams.video[0])
+        for packet in inp.demux(inp.streams.video[0]):
+            if packet.dts is not None:  # the demuxer's final flush packet
+                packet.stream = stream
+                out.mux(packet)
+    data = full.read_bytes()
+    dst.write_bytes(data[: int(len(data) * keep)])
+
 def _write_h264(path: Path, frames: Iterable[np.ndarray], shape: tuple[int, int], fps: float, lossless: bool,
                 gop: int | None, rotation: int, times: list[float] | None) -> None:
     import av

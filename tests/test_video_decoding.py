@@ -15,7 +15,7 @@ from required_imports import import_required
 decord = import_required("decord")  # fails where pyproject.toml requires decord
 from decord._ffi.base import DECORDError  # noqa: E402
 
-from mm15.data_builders.synthetic_video import write_video  # noqa: E402
+from mm15.data_builders.synthetic_video import truncated_with_index_first, write_video  # noqa: E402
 from mm15.video import decoding  # noqa: E402
 from mm15.video.decoding import DecodeSpec, VideoDecoder, VideoError  # noqa: E402
 from mm15.video.sampling import FrameSampling  # noqa: E402
@@ -177,17 +177,8 @@ def test_unusable_files_raise_naming_file_and_reason(videos, tmp_path, name, mak
 def test_truncated_file_with_index_first_is_read_up_to_the_damage(videos, tmp_path):
     src = tmp_path / "fast.mp4"
     write_video(src, grey_ramp(30), fps=10, lossless=True, gop=5)
-    import av  # move the index to the front (as `-movflags faststart` does), then cut the file
-
-    fast = tmp_path / "front.mp4"
-    with av.open(str(src)) as inp, av.open(str(fast), "w", options={"movflags": "faststart"}) as out:
-        stream = out.add_stream_from_template(inp.streams.video[0])
-        for packet in inp.demux(inp.streams.video[0]):
-            if packet.dts is not None:
-                packet.stream = stream
-                out.mux(packet)
     cut = tmp_path / "cut_front.mp4"
-    cut.write_bytes(fast.read_bytes()[: int(fast.stat().st_size * 0.6)])
+    truncated_with_index_first(src, cut)
     dec = decoder(n=4)
     video = dec.decode(cut)
     assert video.backend == "pyav" and dec.counts["fallback"] == 1

@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler
 
 from mm15.base.data.sample import IGNORE_INDEX, Skip
+from mm15.base.training.resumable import ConsumedBatches
 
 Fit = Literal["first", "best"]
 
@@ -183,7 +184,7 @@ def _cost(lengths: list[int], packing: PackSpec | None) -> int:
     return len(pack_lengths(lengths, packing.max_tokens, packing.fit)) * packing.max_tokens
 
 
-class TokenBudgetSampler(DistributedSampler):
+class TokenBudgetSampler(ConsumedBatches, DistributedSampler):
     """Yields micro-batches (lists of dataset indices) under a token budget, for a `DataLoader`
     with `batch_size=None` over `BatchedDataset` (a `DistributedSampler`, so Lightning keeps it).
 
@@ -219,14 +220,6 @@ class TokenBudgetSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[list[int]]:  # type: ignore[override]
         return iter(self.batches()[self.consumed_batches:])
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.consumed_batches = 0
-        super().set_epoch(epoch)
-
-    def note_batch(self) -> None:
-        self.consumed_batches += 1
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "consumed_batches": self.consumed_batches, "seed": self.seed,

@@ -23,7 +23,23 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
 
 
-class ResumableSampler(DistributedSampler):
+class ConsumedBatches:
+    """The data position of a resumable sampler: micro-batches of `self.epoch` already handed to
+    the training step (`note_batch`), reset when the epoch changes. Mixed into `DistributedSampler`s."""
+
+    consumed_batches: int = 0
+    epoch: int
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.consumed_batches = 0
+        super().set_epoch(epoch)  # type: ignore[misc]
+
+    def note_batch(self) -> None:
+        self.consumed_batches += 1
+
+
+class ResumableSampler(ConsumedBatches, DistributedSampler):
     """A `DistributedSampler` (so Lightning does not replace it) dealing micro-batches to ranks.
 
     Each epoch uses `len(dataset) // (micro_batch * num_replicas)` micro-batches per rank; the few
@@ -39,14 +55,6 @@ class ResumableSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.batches_per_rank * self.micro_batch
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.consumed_batches = 0
-        super().set_epoch(epoch)
-
-    def note_batch(self) -> None:
-        self.consumed_batches += 1
 
     def __iter__(self) -> Iterator[int]:
         if self.shuffle:

@@ -32,14 +32,13 @@ def segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]] | None:
     holds more than one sample."""
     starts = position_ids == 0
     starts[:, 0] = True
-    if int(starts.sum()) == starts.shape[0]:
+    rows, length = position_ids.shape
+    if int(starts.sum()) == rows:
         return None
-    length = position_ids.shape[1]
-    out = []
-    for row in starts.tolist():
-        begin = [i for i, s in enumerate(row) if s]
-        out.append(list(zip(begin, begin[1:] + [length])))
-    return out
+    begin: list[list[int]] = [[] for _ in range(rows)]
+    for r, c in starts.nonzero().tolist():  # one (row, column) per sample, not per token
+        begin[r].append(c)
+    return [list(zip(b, b[1:] + [length])) for b in begin]
 
 
 def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

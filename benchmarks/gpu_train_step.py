@@ -28,6 +28,7 @@ activation checkpointing (recomputation is not counted, the usual MFU convention
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import gc
 import json
 import os
@@ -103,13 +104,8 @@ def init_process_group(device: torch.device) -> bool:
 def attention_implementation(device: torch.device) -> str:
     """`flash_attention_2` where flash-attn can run (CUDA, importable): packed rows then attend
     through its variable-length kernel; else `sdpa`."""
-    if device.type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
-
-            return "flash_attention_2"
-        except ImportError:
-            pass
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
     return "sdpa"
 
 

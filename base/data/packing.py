@@ -2,12 +2,14 @@
 
 Packing (`PackSpec`, `pack_collate`): the samples of a micro-batch are concatenated into rows of at
 most `max_tokens` tokens, chosen first-fit or best-fit decreasing, instead of each being padded to
-the longest one; the rows are then made as short as their number allows (`balanced_rows`). A sample (its text and all its media placeholders) is never split across rows.
-Each row carries `position_ids` that restart at 0 at every sample, and `sample_index` (the sample
-of every token, -1 for the padding at the end of a row). The model passes `position_ids` with no
-2-D attention mask to the LLM, whose mask code (transformers' packed-sequence detection) then
-keeps attention inside each sample: a block-diagonal causal mask with SDPA / eager / flex
-attention, variable-length kernels with flash-attention. The loss groups targets by
+the longest one; the rows are then made as short as their number allows (`balanced_rows`). A
+sample (its text and all its media placeholders) is never split across rows. Each row carries
+`position_ids` that restart at 0 at every sample, and `sample_index` (the sample of every token,
+-1 for the padding at the end of a row). The model passes `position_ids` with no 2-D attention
+mask to the LLM, whose mask code (transformers' packed-sequence detection) then keeps attention
+inside each sample: a block-diagonal causal mask with SDPA / eager / flex attention,
+variable-length kernels with flash-attention, one SDPA call per sample with `packed_sdpa`
+(`mm15.base.attention`). The loss groups targets by
 `sample_index`, so `token` and `sample` reductions, the MoE load-balancing and z-losses (over the
 real tokens) equal those of the padded batch (`tests/test_packing.py`). Generation batches are
 never packed.
@@ -29,6 +31,7 @@ from typing import Any, Iterator, Literal, Sequence
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
+from mm15.base.data.processor import add_samples, start_batch
 from mm15.base.data.sample import IGNORE_INDEX, Skip
 from mm15.base.training.resumable import ConsumedBatches
 
@@ -98,22 +101,18 @@ def pack_collate(items: list[dict[str, Any] | Skip], spec: PackSpec, pad_token_i
     `rows`. Samples, their crops and their per-sample entries are in row order, so media features
     meet their placeholders in the order the model splices them. The first token of every sample
     carries no target (its predecessor belongs to another sample)."""
-    skipped = [x for x in items if isinstance(x, Skip)]
-    items = [x for x in items if not isinstance(x, Skip)]
-    batch: dict[str, Any] = {"skipped": skipped, "size": len(items)}
+    batch, items = start_batch(items)
     if not items:
         return batch
-    bins = balanced_rows([len(x["input_ids"]) for x in items], spec)
-    items = [items[i] for b in bins for i in b]
-    row_len = max(sum(len(x["input_ids"]) for x in row) for row in _rows(items, bins))
-    shape = (len(bins), row_len)
+    rows = [[items[i] for i in b] for b in balanced_rows([len(x["input_ids"]) for x in items], spec)]
+    shape = (len(rows), max(sum(len(x["input_ids"]) for x in row) for row in rows))
     ids = torch.full(shape, pad_token_id, dtype=torch.long)
     labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros(shape, dtype=torch.long)
     positions = torch.zeros(shape, dtype=torch.long)
     sample_index = torch.full(shape, -1, dtype=torch.long)
     k = 0
-    for r, row in enumerate(_rows(items, bins)):
+    for r, row in enumerate(rows):
         start = 0
         for x in row:
             n = len(x["input_ids"])
@@ -124,20 +123,10 @@ def pack_collate(items: list[dict[str, Any] | Skip], spec: PackSpec, pad_token_i
             sample_index[r, cols] = k
             start += n
             k += 1
-        positions[r, start:] = torch.arange(row_len - start)  # the padding: a sequence of its own
+        positions[r, start:] = torch.arange(shape[1] - start)  # the padding: a sequence of its own
     batch.update(input_ids=ids, labels=labels, attention_mask=mask, position_ids=positions, sample_index=sample_index,
-                 rows=len(bins), pixel_values=torch.cat([x["pixel_values"] for x in items]))
-    for key in ("id", "task", "answer", "meta"):
-        batch[key + "s"] = [x[key] for x in items]
-    batch["layouts"] = [x["layouts"] for x in items]
-    return batch
-
-
-def _rows(items: list[Any], bins: list[list[int]]) -> Iterator[list[Any]]:
-    start = 0
-    for b in bins:
-        yield items[start:start + len(b)]
-        start += len(b)
+                 rows=len(rows))
+    return add_samples(batch, [x for row in rows for x in row])
 
 
 # ----- token-budget micro-batches ---------------------------------------------------------------------

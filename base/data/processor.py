@@ -296,9 +296,7 @@ class MM15Processor:
         return pixel_values.to(dtype).mul_(1.0 / (255.0 * std)).add_(-mean / std)
 
     def collate(self, items: list[dict[str, Any] | Skip], padding_side: str = "right") -> dict[str, Any]:
-        skipped = [x for x in items if isinstance(x, Skip)]
-        items = [x for x in items if not isinstance(x, Skip)]
-        batch: dict[str, Any] = {"skipped": skipped, "size": len(items)}
+        batch, items = start_batch(items)
         if not items:
             return batch
         pad = self.tokenizer.pad_token_id
@@ -310,9 +308,22 @@ class MM15Processor:
             n = len(x["input_ids"])
             cols = slice(length - n, length) if padding_side == "left" else slice(0, n)
             ids[row, cols], labels[row, cols], mask[row, cols] = x["input_ids"], x["labels"], 1
-        batch.update(input_ids=ids, labels=labels, attention_mask=mask,
-                     pixel_values=torch.cat([x["pixel_values"] for x in items]))
-        for key in ("id", "task", "answer", "meta"):
-            batch[key + "s"] = [x[key] for x in items]  # ids, tasks, answers, metas
-        batch["layouts"] = [x["layouts"] for x in items]  # per sample: one MediaLayout per media item
-        return batch
+        batch.update(input_ids=ids, labels=labels, attention_mask=mask)
+        return add_samples(batch, items)
+
+
+def start_batch(items: list[dict[str, Any] | Skip]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A batch's first keys (`skipped`: the `Skip`s, `size`: the usable samples) and those samples."""
+    skipped = [x for x in items if isinstance(x, Skip)]
+    usable = [x for x in items if not isinstance(x, Skip)]
+    return {"skipped": skipped, "size": len(usable)}, usable
+
+
+def add_samples(batch: dict[str, Any], items: list[dict[str, Any]]) -> dict[str, Any]:
+    """The per-sample keys of a batch, in the order of `items`: their crops (`pixel_values`) and
+    `ids`, `tasks`, `answers`, `metas`, `layouts` (one `MediaLayout` per media item)."""
+    batch["pixel_values"] = torch.cat([x["pixel_values"] for x in items])
+    for key in ("id", "task", "answer", "meta"):
+        batch[key + "s"] = [x[key] for x in items]
+    batch["layouts"] = [x["layouts"] for x in items]
+    return batch

@@ -48,32 +48,24 @@ def spec_factory():
 def pytest_configure(config):
     config.addinivalue_line("markers", "learns(seconds): trains a demo to its bar; `seconds` is its rough cost, "
                                        "used to start the long tests first, one per worker")
-    config.addinivalue_line("markers", "cost: a module of multi-process runs, started early on the least loaded worker")
 
 
 def pytest_collection_modifyitems(config, items):
     """Put the long learning tests at the start of the chunks that pytest-xdist's work-stealing
     scheduler first hands to each worker (it splits the collection into equal contiguous chunks), so
-    they start at once, spread over the workers, and the short tests fill in around them. Tests of
-    modules marked `cost` (multi-process runs) go next, into the chunks of the least loaded workers,
-    module by module (so module fixtures are built once), so what is left to steal at the end is short."""
+    they start at once, spread over the workers, and the short tests fill in around them."""
     workers = config.getoption("numprocesses", None) or 0
     workers = workers if isinstance(workers, int) and workers > 1 else 1
     cost = {id(i): i.get_closest_marker("learns").kwargs.get("seconds", 60) for i in items
             if i.get_closest_marker("learns")}
     heavy = sorted((i for i in items if id(i) in cost), key=lambda i: -cost[id(i)])
     rest = [i for i in items if id(i) not in cost]
-    pool = [i for i in rest if i.get_closest_marker("cost")] + [i for i in rest if not i.get_closest_marker("cost")]
     bins: list[list] = [[] for _ in range(workers)]
     for item in heavy:  # longest first onto the least loaded worker
         min(bins, key=lambda b: sum(cost[id(x)] for x in b)).append(item)
-    sizes, remaining = [], len(items)
+    ordered, remaining = [], len(items)
     for w in range(workers):
-        sizes.append(remaining // (workers - w))  # the scheduler's first hand-out: remaining // nodes left
-        remaining -= sizes[-1]
-    chunks = [list(b) for b in bins]
-    for w in sorted(range(workers), key=lambda k: sum(cost[id(x)] for x in bins[k])):  # least loaded first
-        take = max(0, min(len(pool), sizes[w] - len(chunks[w])))
-        chunks[w] += pool[:take]
-        pool = pool[take:]
-    items[:] = [i for c in chunks for i in c] + pool
+        size = remaining // (workers - w)  # the scheduler's first hand-out: remaining // nodes left
+        ordered += bins[w] + [rest.pop(0) for _ in range(max(0, min(len(rest), size - len(bins[w]))))]
+        remaining -= size
+    items[:] = ordered + rest

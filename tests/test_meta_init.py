@@ -34,8 +34,6 @@ from mm15.base.module import Components, MM15Module
 from mm15.base.tiny import TINY_LLM, TINY_VISION
 from mm15.base.training.adapters import LoraSpec
 
-pytestmark = pytest.mark.cost  # multi-process runs: started early (conftest)
-
 SPEC = ModelSpec(VisionSpec(config=dict(TINY_VISION)), LLMSpec(config=dict(TINY_LLM)),
                  ConnectorSpec(kind="c_abstractor", num_tokens=4, hidden_size=32, depth=1), tokenizer="tiny")
 PREPROCESSING = PreprocessSpec(split=SplitSpec(crop_size=32, grid_min=1, grid_max=2))

@@ -35,8 +35,6 @@ from mm15.data_builders.synthetic_shapes import SyntheticShapesSource
 from scaleout_support import ROOT, SGD, read_losses, read_parameters, read_rank_files, run_cli, tiny_run_config
 from scaleout_support import write_config
 
-pytestmark = pytest.mark.cost  # multi-process runs: started early (conftest)
-
 STRATEGIES = ROOT / "configs" / "strategies"
 CPU_TWO = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "32-true"]
 HANG_TIMEOUT = 150  # a healthy 2-process run here takes ~20 s

@@ -29,8 +29,6 @@ from mm15.data_builders.synthetic_shapes import SyntheticShapesSource
 from scaleout_support import ROOT, SGD, read_losses, read_parameters, run_cli, tiny_run_config, write_config
 from scaleout_support import write_text_only
 
-pytestmark = pytest.mark.cost  # multi-process runs: started early (conftest)
-
 STRATEGIES = ROOT / "configs" / "strategies"
 CPU_TWO = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "32-true"]
 

@@ -13,11 +13,12 @@ Each method delivers the same frames (the indices our sampler chooses):
 
 * `raw <lib>`: the library alone, as a caller would use it: `decord.VideoReader(width, height)
   .get_batch(indices)`; PyAV decoding the stream in order and converting only the chosen frames at
-  the target size in swscale; torchcodec's `VideoDecoder.get_frames_at(indices)` (native size: it
-  has no resize here). Same decoder thread count everywhere.
+  the target size in swscale; torchcodec's `VideoDecoder(transforms=[Resize]).get_frames_at(indices)`
+  in its default (exact) seek mode. Same decoder thread count everywhere.
 * `mm15 <backend>`: our decoder with `DecodeSpec.backends=[backend]` (container probe, timestamps,
   index choice, decoding resized, padding to r x r): what the loader workers do. Target: >= 0.95x
-  `raw <lib>` of the same library on every clip kind.
+  `raw <lib>` of the same library on every clip kind. (Our torchcodec backend opens constant-rate
+  streams in the approximate seek mode, which a caller of the raw library could do too.)
 * `mm15 + norm.`: the default decoder and the core's `normalize` to float on the CPU (training does
   that last step on the accelerator).
 * `decode-all`: the naive way, `cv2.VideoCapture` reading every frame at native size and resizing
@@ -174,13 +175,15 @@ def raw_pyav(path: str, indices: list[int], size: tuple[int, int], threads: int)
 
 def raw_torchcodec(path: str, indices: list[int], size: tuple[int, int], threads: int) -> np.ndarray:
     from torchcodec.decoders import VideoDecoder as TorchcodecDecoder
+    from torchcodec.transforms import Resize
 
-    decoder = TorchcodecDecoder(path, dimension_order="NHWC", num_ffmpeg_threads=threads)
+    decoder = TorchcodecDecoder(path, dimension_order="NHWC", num_ffmpeg_threads=threads,
+                                transforms=[Resize((size[1], size[0]))])
     return decoder.get_frames_at(indices).data.numpy()
 
 
 RAW = {"decord": raw_decord, "pyav": raw_pyav, "torchcodec": raw_torchcodec}
-BACKENDS = ("decord", "pyav")  # the libraries `DecodeSpec.backends` can name
+BACKENDS = ("decord", "pyav", "torchcodec")  # the libraries `DecodeSpec.backends` can name
 
 
 def run_decode_all(path: str, indices: list[int], size: tuple[int, int], threads: int) -> None:
@@ -277,9 +280,7 @@ def correctness(clips: dict[str, Path], libs: list[str], args: argparse.Namespac
         size = fit_size(*probe.decode(str(intact)).size, (args.size, args.size), "pad")
         reference = reference_frames(intact, chosen, size)
         for lib in libs:
-            frames, error = attempt(lambda: RAW[lib](path, chosen, size if lib != "torchcodec" else None, args.threads))
-            if lib == "torchcodec" and frames is not None:
-                frames = resize_pixels(np.ascontiguousarray(frames), size)
+            frames, error = attempt(lambda: RAW[lib](path, chosen, size, args.threads))
             lines.append(f"{clip:<10} raw {lib:<11} {error or verdict(frames, reference)}")
             if lib not in BACKENDS:
                 continue

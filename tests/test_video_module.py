@@ -146,7 +146,7 @@ def test_fallback_and_notes_are_recorded(clips, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("decord cannot open this")
 
-    monkeypatch.setattr(decoding, "read_decord", broken)
+    monkeypatch.setitem(decoding.READERS, "decord", broken)
     module = MM15VideoModule(model=tiny_spec(), preprocessing=video_preprocessing(),
                              generation=GenerationSpec(max_new_tokens=1))
     trainer(tmp_path).test(module, data(clips), verbose=False)

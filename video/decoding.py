@@ -14,6 +14,9 @@ Backends, tried in order (`DecodeSpec.backends`):
   `benchmarks/video_sampler.py` it is as fast as decord or faster on every clip kind there; decord
   stays first because the shipped config and the recorded results name it, and a switch changes
   which library's resize produces the frames.
+* `torchcodec`: PyTorch's decoder (optional: `pip install -e ".[torchcodec]"`, FFmpeg's shared
+  libraries); timestamps from the MP4 sample table (`frame_times_mp4`) or PyAV's demuxer, the chosen
+  frames by index, resized in FFmpeg, rotation applied by torchcodec. Measured as fast as decord.
 * a directory is a video stored as frame images (ShareGPTVideo ships frames); they are sorted in
   natural order and read at `DecodeSpec.folder_fps` frames per second; JPEGs are decoded at reduced
   scale (PIL draft mode) when much larger than needed.
@@ -24,9 +27,10 @@ Frames are fitted into the r x r crop by the core's rule (`mm15.base.data.media`
 resize while decoding to `fit_size`, the decoder pads as `pad_to` does), set by `DecodeSpec.resize`.
 A file no backend can read raises `VideoError` naming the file and each backend's reason.
 
-Rotation: decord applies an MP4 display matrix itself but returns mangled buffers when asked to
-resize a rotated stream at the same time (seen with decord 0.6.0: 6-channel frames), so rotated
-streams are decoded at native size and resized after; PyAV frames are rotated with `np.rot90`.
+Rotation: decord applies an MP4 display matrix itself, and resizes rotated streams correctly, except
+at some target widths where its buffer size check refuses the batch (seen with decord 0.6.0 at widths
+8, 12, 16, 24 and 48 of a 360x640 portrait stream: `DECORDError: ... The size must exactly match`);
+those are decoded again at native size and resized after. PyAV frames are rotated with `np.rot90`.
 
     decoder = VideoDecoder(DecodeSpec(), FrameSampling(num_frames=24), size=378)
     video = decoder.decode("clip.mp4", start=2.0, end=9.0)    # video.frames (24, 378, 378, 3) uint8
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,11 +51,11 @@ from PIL import Image
 
 from mm15.base.data.media import MEAN_COLOR, ResizeMode, fit_size, resize_pixels
 
-from .probe import VideoInfo, probe_video
+from .probe import VideoInfo, frame_times_mp4, probe_video
 from .sampling import FrameSampling, WindowError, sample_frame_indices
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-Backend = Literal["decord", "pyav"]
+Backend = Literal["decord", "pyav", "torchcodec"]
 
 
 class VideoError(ValueError):
@@ -62,7 +67,7 @@ class DecodeSpec:
     """How videos are decoded (part of the preprocessing spec saved with checkpoints).
 
     Args:
-        backends: decoders tried in order for video files.
+        backends: decoders tried in order for video files (`decord`, `pyav`, `torchcodec`).
         resize: `pad` (resize keeping aspect, pad right/bottom with the encoder's mean colour, as the
             core does for a one-crop image) or `stretch` (resize to r x r) [choice: pad]; the same
             setting as the image splitting's `SplitSpec.resize`.
@@ -108,19 +113,26 @@ def _probe(path: str) -> VideoInfo:
 def read_decord(path: str, sampling: FrameSampling, r: int, spec: DecodeSpec,
                 start: float | None, end: float | None) -> DecodedVideo:
     import decord
+    from decord._ffi.base import DECORDError
 
     info = _probe(path)
     if info.rotation and info.container != "mp4":
         raise RuntimeError(f"rotation {info.rotation} in a {info.container} container (decord's handling unverified)")
     size = fit_size(info.width, info.height, (r, r), spec.resize)
-    native = info.rotation != 0  # see the module docstring
-    w, h = (-1, -1) if native else size
-    reader = decord.VideoReader(path, width=w, height=h, num_threads=spec.threads)
+    reader = decord.VideoReader(path, width=size[0], height=size[1], num_threads=spec.threads)
     times = reader.get_frame_timestamp(np.arange(len(reader)))  # (T, 2) start, end seconds
     pick = sample_frame_indices(times[:, 0], float(times[-1, 1]), sampling, start, end)
-    notes = pick.notes + ([f"rotation {info.rotation}: decoded at native size, resized after"] if native else [])
-    frames = _decord_frames(reader, pick.indices)  # (N, h, w, 3)
-    frames = resize_pixels(frames, size) if native else frames
+    notes = list(pick.notes)
+    try:
+        frames = _decord_frames(reader, pick.indices)  # (N, h, w, 3)
+    except DECORDError as e:
+        if not info.rotation or "size must exactly match" not in str(e):
+            raise
+        # see the module docstring: decord's own resize of a rotated stream fails at some sizes
+        notes.append(f"rotation {info.rotation}: decord cannot resize this stream to {size[0]}x{size[1]}; "
+                     "decoded at native size, resized after")
+        reader = decord.VideoReader(path, num_threads=spec.threads)
+        frames = resize_pixels(_decord_frames(reader, pick.indices), size)
     if frames.shape[1:] != (size[1], size[0], 3):
         raise RuntimeError(f"decord returned frames of shape {frames.shape[1:]}, expected {(size[1], size[0], 3)}")
     return DecodedVideo(frames, pick.indices, times[pick.indices, 0].tolist(), "decord", notes, (info.width, info.height))
@@ -279,6 +291,63 @@ def _fill_missing(order: list[int], decoded: dict[int, np.ndarray], notes: list[
     return np.stack([decoded[nearest.get(p, p)] for p in order]), len(missing)
 
 
+# ----- torchcodec -------------------------------------------------------------------------------
+def _frame_times(path: str) -> tuple[np.ndarray, float, list[str]]:
+    """Start time of every frame (seconds from the first, sorted) and the end of the last: MP4/MOV
+    from the sample table, other containers by demuxing packet timestamps with PyAV."""
+    try:
+        table = frame_times_mp4(path)
+    except (struct.error, IndexError, KeyError, ValueError, OSError):
+        table = None  # a damaged MP4 header: let FFmpeg judge it
+    if table is not None:
+        return table[0], table[1], []
+    import av
+
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        stream = container.streams.video[0]
+        pts, _, step, notes = _packet_times(container, stream)
+        if len(pts) == 0:
+            raise ValueError("no video frames")
+        times = (pts - pts[0]) * float(stream.time_base)
+        step = step * float(stream.time_base) or (float(np.median(np.diff(times))) if len(times) > 1 else 0.04)
+        return times, float(times[-1] + step), notes
+
+
+def read_torchcodec(path: str, sampling: FrameSampling, r: int, spec: DecodeSpec,
+                    start: float | None, end: float | None) -> DecodedVideo:
+    """torchcodec (PyTorch's decoder on FFmpeg's shared libraries): the chosen frames by index,
+    resized in FFmpeg and rotated by torchcodec. A constant-rate stream is opened in torchcodec's
+    approximate seek mode (frame index -> time from the frame rate, no scan of the file); a
+    variable-rate one in its exact mode, which scans the packets once. The timestamps it returns are
+    checked against the chosen frames' (from the sample table)."""
+    from torchcodec.decoders import VideoDecoder as TorchcodecDecoder
+    from torchcodec.transforms import Resize
+
+    info = _probe(path)
+    size = fit_size(info.width, info.height, (r, r), spec.resize)
+    times, stream_end, notes = _frame_times(path)
+    pick = sample_frame_indices(times, stream_end, sampling, start, end)
+    gaps = np.diff(np.append(times, stream_end))
+    constant = len(gaps) > 0 and float(gaps.max() - gaps.min()) <= 0.01 * float(np.median(gaps))
+    decoder = TorchcodecDecoder(path, dimension_order="NHWC", num_ffmpeg_threads=spec.threads,
+                                seek_mode="approximate" if constant else "exact",
+                                transforms=[Resize((size[1], size[0]))])
+    chosen = np.asarray(pick.indices)
+    batch = decoder.get_frames_at(pick.indices)
+    got = batch.pts_seconds.numpy() - (decoder.metadata.begin_stream_seconds or 0.0)
+    if not np.allclose(got, times[chosen], atol=0.25 * float(gaps.min())):
+        worst = int(np.abs(got - times[chosen]).argmax())
+        raise RuntimeError(f"torchcodec returned the frame at {got[worst]:.3f} s for frame {chosen[worst]} "
+                           f"at {times[chosen][worst]:.3f} s")
+    frames = batch.data.numpy()
+    if frames.shape[1:] != (size[1], size[0], 3):
+        raise RuntimeError(f"torchcodec returned frames of shape {frames.shape[1:]}, expected {(size[1], size[0], 3)}")
+    return DecodedVideo(frames, pick.indices, times[chosen].tolist(), "torchcodec", pick.notes + notes,
+                        (info.width, info.height))
+
+
 # ----- frame folders -----------------------------------------------------------------------------
 def _natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
@@ -311,6 +380,9 @@ def read_frame_folder(path: str, sampling: FrameSampling, r: int, spec: DecodeSp
     with Image.open(files[0]) as im:
         size = im.size
     return DecodedVideo(frames, pick.indices, times[pick.indices].tolist(), "frames", pick.notes, size)
+
+
+READERS = {"decord": read_decord, "pyav": read_pyav, "torchcodec": read_torchcodec}
 
 
 # ----- front door ----------------------------------------------------------------------------------
@@ -353,7 +425,7 @@ class VideoDecoder:
         failures: list[str] = []
         for name in self.spec.backends:
             try:
-                read = read_decord if name == "decord" else read_pyav
+                read = READERS[name]
                 video = read(path, self.sampling, self.size, self.spec, start, end)
             except WindowError:
                 raise

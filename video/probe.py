@@ -17,6 +17,8 @@ import struct
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
+import numpy as np
+
 MP4_BRANDS = (b"ftyp",)
 _CONTAINERS = {b"moov", b"trak", b"mdia"}
 
@@ -117,20 +119,58 @@ class VideoTiming:
     duration: float  # seconds
 
 
-def timing_mp4(path: str) -> VideoTiming | None:
-    """Frame count (`stts`) and duration (`mdhd`) of the first video track; None if not MP4/MOV."""
-    moov = _mp4_moov(path)
+def _video_track(moov: bytes | None) -> tuple[int, int, dict[bytes, bytes]] | None:
+    """(timescale, duration in timescale units, sample-table boxes) of the first video track."""
     for kind, trak in _boxes(moov or b""):
         mdia = dict(_boxes(dict(_boxes(trak)).get(b"mdia", b"")))
         if kind != b"trak" or mdia.get(b"hdlr", b"")[8:12] != b"vide":
             continue
         mdhd = mdia[b"mdhd"]
         scale, length = (struct.unpack(">IQ", mdhd[20:32]) if mdhd[0] == 1 else struct.unpack(">II", mdhd[12:20]))
-        stts = dict(_boxes(dict(_boxes(mdia.get(b"minf", b""))).get(b"stbl", b""))).get(b"stts", b"")
-        entries = struct.unpack(">I", stts[4:8])[0] if len(stts) >= 8 else 0
-        frames = sum(struct.unpack(">I", stts[8 + 8 * i: 12 + 8 * i])[0] for i in range(entries))
-        return VideoTiming(frames, length / scale if scale else 0.0)
+        return scale, length, dict(_boxes(dict(_boxes(mdia.get(b"minf", b""))).get(b"stbl", b"")))
     return None
+
+
+def _runs(box: bytes) -> np.ndarray:
+    """(count, value) runs of an `stts` or `ctts` payload as an (entries, 2) int64 array; values
+    read as signed 32-bit (as FFmpeg reads `ctts` of either version)."""
+    if len(box) < 8:
+        return np.zeros((0, 2), np.int64)
+    entries = struct.unpack(">I", box[4:8])[0]
+    runs = np.frombuffer(box, ">i4", count=2 * entries, offset=8).reshape(entries, 2).astype(np.int64)
+    runs[:, 0] &= 0xFFFFFFFF  # counts are unsigned
+    return runs
+
+
+def timing_mp4(path: str) -> VideoTiming | None:
+    """Frame count (`stts`) and duration (`mdhd`) of the first video track; None if not MP4/MOV."""
+    track = _video_track(_mp4_moov(path))
+    if track is None:
+        return None
+    scale, length, stbl = track
+    return VideoTiming(int(_runs(stbl.get(b"stts", b""))[:, 0].sum()), length / scale if scale else 0.0)
+
+
+def frame_times_mp4(path: str) -> tuple[np.ndarray, float] | None:
+    """Presentation start time of every frame of the first video track, in seconds from the first
+    frame and sorted (the order decoders index frames in), and the end of the last frame; from the
+    sample table (`stts` decode deltas plus `ctts` composition offsets), without demuxing. None when
+    `path` is not MP4/MOV or has no samples. Edit lists are not applied: times are relative."""
+    track = _video_track(_mp4_moov(path))
+    if track is None or not track[0]:
+        return None
+    scale, _, stbl = track
+    stts = _runs(stbl.get(b"stts", b""))
+    deltas = np.repeat(stts[:, 1], stts[:, 0])
+    if len(deltas) == 0:
+        return None
+    ctts = _runs(stbl.get(b"ctts", b""))
+    offsets = np.repeat(ctts[:, 1], ctts[:, 0])[: len(deltas)] if len(ctts) else np.zeros(0, np.int64)
+    pts = np.concatenate([[0], np.cumsum(deltas[:-1])])
+    pts[: len(offsets)] += offsets
+    order = np.sort(pts)
+    end = float((pts + deltas).max() - order[0]) / scale
+    return (order - order[0]) / scale, end
 
 
 def probe_timing(path: str) -> VideoTiming:

@@ -200,29 +200,34 @@ def run_decode_all(path: str, indices: list[int], size: tuple[int, int], threads
     np.stack([kept[i] for i in indices])
 
 
-def timed(methods: dict, repeats: int) -> dict[str, float]:
-    """Best of `repeats` wall times per method, after a warm-up run of each. The methods take turns
+def timed(methods: dict, repeats: int) -> dict[str, list[float]]:
+    """Wall times of every repeat per method, after a warm-up run of each. The methods take turns
     within every repeat, so load from other processes on a shared machine falls on all of them
-    alike, and it only ever adds time, so the minimum is the most repeatable figure. A method that
-    raises gets NaN (the correctness part says what it raised)."""
-    best = {}
+    alike, in forward order on even repeats and reversed on odd ones: a decoder run right after
+    another one of the same library measured up to 12 % slower than when run first (decord 0.6,
+    short clips), so a fixed order would favour whichever comes first. A method that raises gets
+    no times (the correctness part says what it raised)."""
+    times = {}
     for name, fn in methods.items():
         try:
             fn()  # warm the page cache and the libraries
-            best[name] = float("inf")
+            times[name] = []
         except Exception:  # noqa: BLE001
-            best[name] = float("nan")
-    for _ in range(repeats):
-        for name, fn in methods.items():
-            if best[name] == best[name]:  # not NaN
+            times[name] = None
+    for repeat in range(repeats):
+        order = list(methods.items())
+        for name, fn in order if repeat % 2 == 0 else order[::-1]:
+            if times[name] is not None:
                 start = time.perf_counter()
                 fn()
-                best[name] = min(best[name], time.perf_counter() - start)
-    return best
+                times[name].append(time.perf_counter() - start)
+    return times
 
 
-def bench_clip(path: str, libs: list[str], args: argparse.Namespace) -> dict[str, float]:
-    """fps of every method on one clip (sampler indices taken from the default decoder)."""
+def bench_clip(path: str, libs: list[str], args: argparse.Namespace) -> tuple[dict[str, float], dict[str, float]]:
+    """fps of every method on one clip (best of the repeats: load only ever adds time), and per
+    backend our decoder against its raw library as the median of the ratios within each repeat
+    (paired, so a slow moment shared by both cancels). Sampler indices from the default decoder."""
     default = video_processor(args.size, args.frames, args.threads)
     video = run_mm15(default, path, normalise=False)
     indices, size = video.indices, fit_size(*video.size, (args.size, args.size), "pad")
@@ -234,7 +239,14 @@ def bench_clip(path: str, libs: list[str], args: argparse.Namespace) -> dict[str
             methods[f"mm15 {lib}"] = lambda p=processor: run_mm15(p, path, normalise=False)
     methods["mm15 + norm."] = lambda: run_mm15(default, path)
     methods["decode-all"] = lambda: run_decode_all(path, indices, size, args.threads)
-    return {name: len(indices) / t for name, t in timed(methods, args.repeats).items()}
+    times = timed(methods, args.repeats)
+    fps = {name: len(indices) / min(t) if t else float("nan") for name, t in times.items()}
+    own = {}
+    for lib in BACKENDS:
+        raw, ours = times.get(f"raw {lib}"), times.get(f"mm15 {lib}")
+        if raw and ours:
+            own[lib] = float(np.median(np.asarray(raw) / np.asarray(ours)))
+    return fps, own
 
 
 # ----- correctness -----------------------------------------------------------------------------------
@@ -303,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--frames", type=int, default=24)
     parser.add_argument("--size", type=int, default=378, help="frame side r (MM1.5 encoder base resolution)")
     parser.add_argument("--threads", type=int, default=1, help="decoder threads (same for every method)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--baseline", default="decord", choices=sorted(RAW),
                         help="raw library the ratios are against (measured in the same run)")
     parser.add_argument("--libraries", nargs="*", default=None, choices=sorted(RAW),
@@ -325,14 +337,14 @@ def main(argv: list[str] | None = None) -> None:
     for name, path in clips.items():
         if name == "truncated":
             continue
-        r = bench_clip(str(path), libs, args)
+        r, own = bench_clip(str(path), libs, args)
         if header is None:
             header = f"{'clip':<15}" + "".join(f"{k:>16}" for k in r) + "".join(
-                f"{'mm15 ' + b + '/raw':>17}" for b in BACKENDS if f"mm15 {b}" in r)
-            print("fps (and x raw " + args.baseline + ")\n" + header + "\n" + "-" * len(header))
+                f"{'mm15/raw ' + b:>21}" for b in BACKENDS if f"mm15 {b}" in r)
+            print("fps (and x raw " + args.baseline + "); mm15/raw: our decoder against its library, median paired ratio\n"
+                  + header + "\n" + "-" * len(header))
         cells = "".join(f"{v:9.1f} ({v / r[base]:4.2f}x)" for v in r.values())
-        own = "".join(f"{r[f'mm15 {b}'] / r[f'raw {b}']:16.2f}x" for b in BACKENDS if f"mm15 {b}" in r)
-        print(f"{name:<15}{cells}{own}", flush=True)
+        print(f"{name:<15}{cells}" + "".join(f"{own[b]:20.2f}x" for b in BACKENDS if b in own), flush=True)
     print("\nwhat comes back (raw library, and our decoder with that backend alone):")
     for line in correctness(clips, libs, args):
         print("  " + line, flush=True)

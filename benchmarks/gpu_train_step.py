@@ -16,8 +16,11 @@ with `flash_attention_2` when flash-attn is importable, else `sdpa`), tokens/s c
 tokens only. `--compile`: every block compiled (`MM15Module(compile=True)`). `--fused-loss`: the
 loss through liger-kernel's fused linear cross-entropy (`llm.fused_loss`).
 
-Model FLOPs are counted with `torch.utils.flop_counter.FlopCounterMode` on a step without
-activation checkpointing (recomputation is not counted, the usual MFU convention). Target: MFU >= 45 %.
+Model FLOPs: the matmuls counted by `torch.utils.flop_counter.FlopCounterMode` on a step without
+activation checkpointing (recomputation is not counted, the usual MFU convention), plus the
+attention products per sample, by formula (`attention_flops`: the counter sees neither flash-attn's
+kernels nor CPU SDPA). The padded length mix is charged the packed rows' FLOPs (the same samples'
+useful work), so its MFU is lower by the padding it computes. Target: MFU >= 45 %.
 
     python benchmarks/gpu_train_step.py                          # CUDA machine
     python benchmarks/gpu_train_step.py --frames 10 --batch 2 --text 512 --out results.json
@@ -204,13 +207,48 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def sample_lengths(batch: dict[str, Any]) -> list[int]:
+    """Real tokens of every sample: packed rows split where position ids restart, padded rows by
+    their attention mask."""
+    if batch.get("position_ids") is None:
+        return [int(n) for n in batch["attention_mask"].sum(dim=1)]
+    lengths = []
+    for positions, mask in zip(batch["position_ids"].cpu(), batch["attention_mask"].cpu()):
+        starts = torch.nonzero((positions == 0) & (mask == 1)).flatten().tolist()
+        ends = starts[1:] + [int(mask.sum())]
+        lengths += [e - b for b, e in zip(starts, ends)]
+    return lengths
+
+
+def attention_flops(model: MM15Model, batch: dict[str, Any]) -> float:
+    """FLOPs of every attention product of a forward and backward pass, per sample (packed samples
+    never attend to each other): Q K^T and the weighted sum of V cost 2 L^2 D each forward, twice
+    that backward, so 12 L^2 D per layer, D = heads x head dim; full squares (causal masking not
+    halved, as FlopCounterMode's SDPA formulas count). LLM over each sample's tokens; every tower
+    layer over each crop's patches (plus a class token where the tower has one)."""
+    llm = model.llm.config.get_text_config()
+    head_dim = getattr(llm, "head_dim", None) or llm.hidden_size // llm.num_attention_heads
+    total = 12 * sum(n * n for n in sample_lengths(batch)) * llm.num_attention_heads * head_dim * llm.num_hidden_layers
+    vision = model.vision.config
+    patches = (batch["pixel_values"].shape[-1] // vision.patch_size) ** 2
+    tokens = patches + int(hasattr(getattr(model.vision, "vision_model", model.vision).embeddings, "class_embedding"))
+    crops = batch["pixel_values"].shape[0]
+    return total + 12 * crops * tokens * tokens * vision.hidden_size * vision.num_hidden_layers
+
+
 def count_flops(model: MM15Model, optimizer: Any, batch: dict[str, Any]) -> float:
+    """Model FLOPs of one step: FlopCounterMode for every matmul, plus `attention_flops`. The
+    attention kernels' own counts are replaced because the counter sees only some of them: CUDA's
+    SDPA kernels, but neither flash-attn's varlen kernels nor CPU SDPA; and over a packed row it
+    would count the whole row's square, not each sample's."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with counter:
         train_step(model, optimizer, batch)
-    return float(counter.get_total_flops())
+    counted = counter.get_flop_counts().get("Global", {})
+    kernels = sum(flops for op, flops in counted.items() if "attention" in str(op) or "flash_attn" in str(op))
+    return float(counter.get_total_flops()) - kernels + attention_flops(model, batch)
 
 
 def measure(args: argparse.Namespace, device: torch.device, checkpointing: bool, flops: float | None,
@@ -315,8 +353,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     created = init_process_group(device)
     try:
         results = []
-        for layout in ("uniform", *(("padded", "packed") if args.packing else ())):
-            flops = None
+        for layout in ("uniform", *(("packed", "padded") if args.packing else ())):
+            flops = None if layout != "padded" else flops  # padded rows: the packed samples' useful FLOPs
             for checkpointing in (False, True):
                 results.append(measure(args, device, checkpointing, flops, layout))
                 flops = results[-1]["model_tflops_per_step"] * 1e12  # model FLOPs exclude recomputation

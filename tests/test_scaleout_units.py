@@ -15,6 +15,8 @@ import yaml
 from PIL import Image
 from pytorch_lightning import LightningDataModule, Trainer
 
+from mm15.base.connector import ConnectorSpec
+from mm15.base.model import LLMSpec, MM15Model, ModelSpec, VisionSpec, load_tokenizer
 from mm15.base.training.adapters import LoraSpec, QuantSpec, apply_lora, check_fingerprint, weight_fingerprint
 from mm15.base.training.checkpointing import AtomicCheckpointIO, swap_in_directory
 from mm15.base.cli import MM15CLI
@@ -309,6 +311,39 @@ def _benchmark():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_gpu_benchmark_counts_attention_per_sample():
+    """The MFU numerator: with SDPA (whose CPU kernel FlopCounterMode does not see) the count equals
+    the counter's on the same model with eager attention (plain matmuls) for unpacked rows; on
+    packed rows it charges each sample's square, less than eager's whole-row squares."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    bench = _benchmark()
+    args = bench.parse_args(["--smoke"])
+    args.crop, args.frames, args.batch, args.text = 32, 2, 2, 64
+    models = {}
+    for impl in ("sdpa", "eager"):
+        spec = ModelSpec(VisionSpec(config={**bench.TINY_VISION, "attn_implementation": impl}),
+                         LLMSpec(config=bench.TINY_LLM, attn_implementation=impl),
+                         ConnectorSpec(num_tokens=4, hidden_size=32, depth=1), tokenizer="tiny")
+        torch.manual_seed(0)
+        model = MM15Model.build(spec, load_tokenizer(spec), crop_size=32).requires_grad_(True)
+        models[impl] = model, torch.optim.SGD(model.parameters(), lr=0.0)
+    cpu = torch.device("cpu")
+    uniform = bench.make_batch(models["sdpa"][0], args, 2, cpu)
+    packed = bench.mixed_batch(bench.mixed_items(models["sdpa"][0], args, cpu), True, cpu)
+    assert bench.sample_lengths(packed) == [24, 36, 52, 72] and packed["input_ids"].shape == (3, 72)
+    counted = {}
+    for name, batch in (("uniform", uniform), ("packed", packed)):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            bench.train_step(*models["eager"], batch)
+        counted[name] = (bench.count_flops(*models["sdpa"], batch), counter.get_total_flops())
+    assert counted["uniform"][0] == counted["uniform"][1]
+    llm = models["sdpa"][0].llm.config
+    rows_minus_samples = 12 * (3 * 72**2 - (24**2 + 36**2 + 52**2 + 72**2)) * llm.hidden_size * llm.num_hidden_layers
+    assert counted["packed"][1] - counted["packed"][0] == rows_minus_samples
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on machines without CUDA")

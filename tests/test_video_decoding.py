@@ -294,3 +294,17 @@ def test_torchcodec_backend_refuses_damage_and_pyav_takes_over(videos, tmp_path)
     dec = decoder(n=8, backends=["torchcodec", "pyav"])
     video = dec.decode(cut)
     assert video.backend == "pyav" and "torchcodec" in video.notes[0]
+
+
+@pytest.mark.parametrize("suffix", ["mkv", "avi", "mov"])
+def test_other_containers_decode_with_the_default_backends(videos, tmp_path, suffix):
+    """decord reports no timestamps for AVI (FFmpeg's no-value, -9.2e18 s, for every frame): that
+    backend refuses the file and PyAV reads it, instead of an empty clip window failing the video."""
+    path = tmp_path / f"ramp.{suffix}"
+    write_video(path, grey_ramp(30), fps=10, lossless=True, gop=10)
+    video = decoder(n=4).decode(path)
+    assert video.indices == [0, 10, 19, 29] and frame_ids(video.frames[:, :21], 32) == [0, 10, 19, 29]
+    assert np.allclose(video.timestamps, [0.0, 1.0, 1.9, 2.9])
+    assert video.backend == ("pyav" if suffix == "avi" else "decord")
+    if suffix == "avi":
+        assert "no frame timestamps" in video.notes[0]

@@ -121,6 +121,9 @@ def read_decord(path: str, sampling: FrameSampling, r: int, spec: DecodeSpec,
     size = fit_size(info.width, info.height, (r, r), spec.resize)
     reader = decord.VideoReader(path, width=size[0], height=size[1], num_threads=spec.threads)
     times = reader.get_frame_timestamp(np.arange(len(reader)))  # (T, 2) start, end seconds
+    if (times < 0).any() or not np.isfinite(times).all() or times[-1, 1] <= 0:
+        # e.g. AVI: decord 0.6 reports FFmpeg's "no timestamp" value (-9.2e18 s) for every frame
+        raise RuntimeError(f"decord reports no frame timestamps for this {info.container} file")
     pick = sample_frame_indices(times[:, 0], float(times[-1, 1]), sampling, start, end)
     notes = list(pick.notes)
     try:

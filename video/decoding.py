@@ -11,9 +11,9 @@ Backends, tried in order (`DecodeSpec.backends`):
   refuses the tests' lossless clips (a buffer size check), which then go to PyAV.
 * `pyav`: demuxes packet timestamps (no decoding), then seeks and decodes up to each chosen frame,
   converting at the target size in swscale. Reads truncated files up to the damage. Measured by
-  `benchmarks/video_sampler.py` it is as fast as decord or faster on every clip kind there; decord
-  stays first because the shipped config and the recorded results name it, and a switch changes
-  which library's resize produces the frames.
+  `benchmarks/video_sampler.py` at 0.9-1.3x decord's speed (faster with frequent keyframes and on
+  rotated streams, slower with sparse ones); decord stays first because the shipped config and the
+  recorded results name it, and a switch changes which library's resize produces the frames.
 * `torchcodec`: PyTorch's decoder (optional: `pip install -e ".[torchcodec]"`, FFmpeg's shared
   libraries); timestamps from the MP4 sample table (`frame_times_mp4`) or PyAV's demuxer, the chosen
   frames by index, resized in FFmpeg, rotation applied by torchcodec. Measured as fast as decord.

@@ -153,7 +153,10 @@ def _decord_frames(reader, indices: list[int]) -> np.ndarray:
     try:
         return _host_array(reader.get_batch(indices))
     except DECORDError as e:
-        if "packet" not in str(e).lower():  # not damaged data (e.g. a buffer size check)
+        # damaged data: the packet error itself, or, when decord's decoder thread stopped on it
+        # before the next frame was pushed (a race, seen under load), the thread's `run_` check
+        message = str(e).lower()
+        if "packet" not in message and "run_.load()" not in message:  # e.g. a buffer size check
             raise
         raise VideoError(f"damaged packets among the chosen frames ({_first_line(e)}); decord cannot tell "
                          "which frames are lost") from None

@@ -352,9 +352,14 @@ class MM15Module(pl.LightningModule):
                 self.generate(self.keepalive_batch())
             return []
         predictions = self.generate(batch)
-        keys = zip(batch["ids"], batch["tasks"], batch["answers"], batch["metas"], batch["layouts"], predictions)
-        return [dict(id=i, task=t, answer=a, meta=m, media=[x.to_dict() for x in lay], prediction=p)
-                for i, t, a, m, lay, p in keys]
+        indices = batch.get("indices") or [None] * len(predictions)
+        keys = zip(batch["ids"], batch["tasks"], batch["answers"], batch["metas"], batch["layouts"], predictions, indices)
+        records = [dict(id=i, task=t, answer=a, meta=m, media=[x.to_dict() for x in lay], prediction=p)
+                   for i, t, a, m, lay, p, _ in keys]
+        for record, index in zip(records, indices):
+            if index is not None:
+                record["index"] = index
+        return records
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.records.extend(self._records(batch))
@@ -382,11 +387,17 @@ class MM15Module(pl.LightningModule):
         self.write_records(self._gather(self.records), "predictions.jsonl")
 
     def _gather(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Every rank's records, on every rank. The distributed sampler pads the last round with
+        repeats of the first samples, so each rank runs the same number of steps (FSDP2 gathers
+        in every forward): a record whose dataset `index` was already seen is such a repeat and is
+        dropped, and the rest come back in dataset order (records without an index keep theirs)."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return records
         parts: list[Any] = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(parts, records)
-        return [r for part in parts for r in part]
+        gathered = [r for part in parts for r in part]
+        unique = {r["index"]: r for r in reversed(gathered) if "index" in r}  # first occurrence wins
+        return sorted(unique.values(), key=lambda r: r["index"]) + [r for r in gathered if "index" not in r]
 
     def write_records(self, records: list[dict[str, Any]], name: str) -> None:
         if self.trainer.is_global_zero:

@@ -182,24 +182,28 @@ def generation_config(run: Path, root: Path, samples: list[Sample]) -> dict[str,
 @pytest.mark.parametrize("command", [pytest.param("test", marks=pytest.mark.slow), "predict"])  # one generate path
 def test_generation_under_fsdp2_with_unequal_lengths_and_text_only_rank(command, shapes, tmp_path):
     root, images = shapes
-    # Rank r decodes samples r, r + 2, ... in batches of 2: rank 0 images; rank 1 a text-only batch,
-    # then a batch of missing images (nothing left to decode), and it stops after 1 new token.
+    # Rank r decodes samples r, r + 2, ... in batches of 2: rank 0 images, then text only; rank 1 a
+    # text-only batch, then a batch of missing images (nothing left to decode), then the sampler's
+    # repeat of sample 0 (9 samples on 2 ranks), and it stops after 1 new token.
     samples = [images[0], text_only(images[1]), images[2], text_only(images[3]),
-               images[4], missing_image(images[5]), images[6], missing_image(images[7])]
+               images[4], missing_image(images[5]), images[6], missing_image(images[7]), text_only(images[0])]
     run = tmp_path / command
     run.mkdir()
     config = generation_config(run, root, samples)
     proc = two_processes(command, run, config, "fsdp2.yaml")
     assert proc.returncode == 0, failure(proc, run)
     name = "test_predictions.jsonl" if command == "test" else "predictions.jsonl"
-    records = {r["id"]: r["prediction"] for r in map(json.loads, (run / name).read_text().splitlines())}
+    lines = [json.loads(line) for line in (run / name).read_text().splitlines()]
+    # the repeat is dropped (rank 0's record of sample 0 kept), the rest in dataset order
+    assert [r["index"] for r in lines] == [0, 1, 2, 3, 4, 6, 8]  # 5 and 7: missing images, skipped
+    records = {r["id"]: r["prediction"] for r in lines}
 
     module = instantiate_module(MM15Module, {"_class_path": "mm15.base.module.MM15Module",
                                              **config["model"]["init_args"]})
     module.configure_model()  # the same seed-0 weights the two ranks built
     module.eval()
     expected = {}
-    for batch, tokens in (([0, 2], 4), ([4, 6], 4), ([1, 3], 1)):
+    for batch, tokens in (([0, 2], 4), ([4, 6], 4), ([8], 4), ([1, 3], 1)):
         chosen = [resolve_media(dataclasses.replace(samples[i], media=[dataclasses.replace(m) for m in samples[i].media]),
                                 str(root)) for i in batch]
         items = module.processor.collate([module.processor(s, generate=True) for s in chosen], padding_side="left")

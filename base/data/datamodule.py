@@ -23,7 +23,7 @@ from typing import Any, Iterable
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mm15.base.data.processor import MM15Processor
 from mm15.base.data.packing import BatchedDataset, PackSpec, TokenBudget, TokenBudgetSampler, pack_collate
@@ -164,7 +164,10 @@ class ProcessedDataset(Dataset):
         return self.cache[i]
 
     def process(self, i: int) -> dict[str, Any] | Skip:
-        return process_sample(self.processor, self.samples[i], self.generate)
+        item = process_sample(self.processor, self.samples[i], self.generate)
+        if not isinstance(item, Skip):
+            item["index"] = i  # the sample's position: records de-duplicate on it (`MM15Module._gather`)
+        return item
 
 
 def process_sample(processor: MM15Processor, sample: Sample, generate: bool = False) -> dict[str, Any] | Skip:
@@ -308,10 +311,18 @@ class MM15DataModule(pl.LightningDataModule):
         return functools.partial(self.processor.collate, padding_side="left" if generate else "right")
 
     def _loader(self, split: str, shuffle: bool, generate: bool) -> DataLoader:
+        """Validation, test and predict batches. Under DDP/FSDP every rank must run the same number
+        of batches (FSDP2 gathers in every forward; the skip budget all-reduces per batch), so the
+        sampler is a padding `DistributedSampler`: the last round repeats the first samples, whose
+        records `MM15Module` drops by dataset index. (Lightning would give `predict` a sampler that
+        does not pad, and a rank with one batch fewer leaves the others waiting.)"""
         dataset = self._dataset(split, generate)
         generator = torch.Generator().manual_seed(self.seed)
+        kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) if self.trainer else None
+        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=self.seed, **kwargs) if kwargs else None
         return DataLoader(
-            dataset, batch_size=self.batch_size if split == "train" else self.eval_batch_size, shuffle=shuffle,
+            dataset, batch_size=self.batch_size if split == "train" else self.eval_batch_size,
+            shuffle=shuffle if sampler is None else False, sampler=sampler,
             num_workers=self.num_workers, collate_fn=self.collate_fn(generate),
             generator=generator, persistent_workers=self.num_workers > 0,
         )

@@ -321,9 +321,11 @@ def start_batch(items: list[dict[str, Any] | Skip]) -> tuple[dict[str, Any], lis
 
 def add_samples(batch: dict[str, Any], items: list[dict[str, Any]]) -> dict[str, Any]:
     """The per-sample keys of a batch, in the order of `items`: their crops (`pixel_values`) and
-    `ids`, `tasks`, `answers`, `metas`, `layouts` (one `MediaLayout` per media item)."""
+    `ids`, `tasks`, `answers`, `metas`, `layouts` (one `MediaLayout` per media item), `indices`
+    (each sample's position in its dataset, None where it has none)."""
     batch["pixel_values"] = torch.cat([x["pixel_values"] for x in items])
     for key in ("id", "task", "answer", "meta"):
         batch[key + "s"] = [x[key] for x in items]
+    batch["indices"] = [x.get("index") for x in items]
     batch["layouts"] = [x["layouts"] for x in items]
     return batch

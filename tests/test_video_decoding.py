@@ -308,3 +308,25 @@ def test_other_containers_decode_with_the_default_backends(videos, tmp_path, suf
     assert video.backend == ("pyav" if suffix == "avi" else "decord")
     if suffix == "avi":
         assert "no frame timestamps" in video.notes[0]
+
+
+@pytest.mark.skipif(bool(NO_TORCHCODEC), reason=NO_TORCHCODEC)
+def test_torchcodec_retries_in_exact_mode_where_approximate_seeking_misses(videos, monkeypatch):
+    """A header whose frame count is short makes torchcodec's approximate mode raise IndexError
+    (seen on a VFR clip opened in that mode); the backend then opens the file in exact mode."""
+    import torchcodec.decoders
+
+    class ShortHeader(torchcodec.decoders.VideoDecoder):
+        def __init__(self, *args, seek_mode="exact", **kwargs):
+            super().__init__(*args, seek_mode=seek_mode, **kwargs)
+            self.mode = seek_mode
+
+        def get_frames_at(self, indices):
+            if self.mode == "approximate":
+                raise IndexError("Invalid frame index=29 for streamIndex=0; must be less than 20")
+            return super().get_frames_at(indices)
+
+    monkeypatch.setattr(torchcodec.decoders, "VideoDecoder", ShortHeader)
+    video = decoder(n=4, backends=["torchcodec"]).decode(videos / "ramp.mp4")
+    assert video.backend == "torchcodec" and frame_ids(video.frames[:, :21], 32) == [0, 10, 19, 29]
+    assert any("approximate seek" in n and "exact seek used" in n for n in video.notes)

@@ -327,7 +327,8 @@ def read_torchcodec(path: str, sampling: FrameSampling, r: int, spec: DecodeSpec
     resized in FFmpeg and rotated by torchcodec. A constant-rate stream is opened in torchcodec's
     approximate seek mode (frame index -> time from the frame rate, no scan of the file); a
     variable-rate one in its exact mode, which scans the packets once. The timestamps it returns are
-    checked against the chosen frames' (from the sample table)."""
+    checked against the chosen frames' (from the sample table); where the approximate mode misses
+    them (a header whose rate or frame count is off), the exact one is tried, with a note."""
     from torchcodec.decoders import VideoDecoder as TorchcodecDecoder
     from torchcodec.transforms import Resize
 
@@ -337,16 +338,26 @@ def read_torchcodec(path: str, sampling: FrameSampling, r: int, spec: DecodeSpec
     pick = sample_frame_indices(times, stream_end, sampling, start, end)
     gaps = np.diff(np.append(times, stream_end))
     constant = len(gaps) > 0 and float(gaps.max() - gaps.min()) <= 0.01 * float(np.median(gaps))
-    decoder = TorchcodecDecoder(path, dimension_order="NHWC", num_ffmpeg_threads=spec.threads,
-                                seek_mode="approximate" if constant else "exact",
-                                transforms=[Resize((size[1], size[0]))])
     chosen = np.asarray(pick.indices)
-    batch = decoder.get_frames_at(pick.indices)
-    got = batch.pts_seconds.numpy() - (decoder.metadata.begin_stream_seconds or 0.0)
-    if not np.allclose(got, times[chosen], atol=0.25 * float(gaps.min())):
+    failures = []
+    for mode in ("approximate", "exact") if constant else ("exact",):
+        decoder = TorchcodecDecoder(path, dimension_order="NHWC", num_ffmpeg_threads=spec.threads, seek_mode=mode,
+                                    transforms=[Resize((size[1], size[0]))])
+        try:
+            batch = decoder.get_frames_at(pick.indices)
+        except IndexError as e:  # approximate mode: the header counts fewer frames than the file holds
+            failures.append(f"{mode} seek: {_first_line(e)}")
+            continue
+        got = batch.pts_seconds.numpy() - (decoder.metadata.begin_stream_seconds or 0.0)
+        if np.allclose(got, times[chosen], atol=0.25 * float(gaps.min())):
+            break
         worst = int(np.abs(got - times[chosen]).argmax())
-        raise RuntimeError(f"torchcodec returned the frame at {got[worst]:.3f} s for frame {chosen[worst]} "
-                           f"at {times[chosen][worst]:.3f} s")
+        failures.append(f"{mode} seek returned the frame at {got[worst]:.3f} s for frame {chosen[worst]} "
+                        f"at {times[chosen][worst]:.3f} s")
+    else:
+        raise RuntimeError("torchcodec: " + "; ".join(failures))
+    if failures:
+        notes.append(f"torchcodec {failures[0]}: exact seek used")
     frames = batch.data.numpy()
     if frames.shape[1:] != (size[1], size[0], 3):
         raise RuntimeError(f"torchcodec returned frames of shape {frames.shape[1:]}, expected {(size[1], size[0], 3)}")

@@ -354,12 +354,9 @@ class MM15Module(pl.LightningModule):
         predictions = self.generate(batch)
         indices = batch.get("indices") or [None] * len(predictions)
         keys = zip(batch["ids"], batch["tasks"], batch["answers"], batch["metas"], batch["layouts"], predictions, indices)
-        records = [dict(id=i, task=t, answer=a, meta=m, media=[x.to_dict() for x in lay], prediction=p)
-                   for i, t, a, m, lay, p, _ in keys]
-        for record, index in zip(records, indices):
-            if index is not None:
-                record["index"] = index
-        return records
+        return [dict(id=i, task=t, answer=a, meta=m, media=[x.to_dict() for x in lay], prediction=p,
+                     **({} if index is None else {"index": index}))
+                for i, t, a, m, lay, p, index in keys]
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.records.extend(self._records(batch))

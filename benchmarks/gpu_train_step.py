@@ -41,6 +41,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from mm15.base.attention import segments
 from mm15.base.connector import ConnectorSpec
 from mm15.base.data.packing import PackSpec, pack_collate
 from mm15.base.data.sample import IGNORE_INDEX
@@ -208,16 +209,13 @@ def sync(device: torch.device) -> None:
 
 
 def sample_lengths(batch: dict[str, Any]) -> list[int]:
-    """Real tokens of every sample: packed rows split where position ids restart, padded rows by
-    their attention mask."""
-    if batch.get("position_ids") is None:
-        return [int(n) for n in batch["attention_mask"].sum(dim=1)]
-    lengths = []
-    for positions, mask in zip(batch["position_ids"].cpu(), batch["attention_mask"].cpu()):
-        starts = torch.nonzero((positions == 0) & (mask == 1)).flatten().tolist()
-        ends = starts[1:] + [int(mask.sum())]
-        lengths += [e - b for b, e in zip(starts, ends)]
-    return lengths
+    """Real tokens of every sample: packed rows split where position ids restart (the split
+    `packed_sdpa` attends over), padded rows by their attention mask."""
+    mask = batch["attention_mask"].cpu()
+    spans = segments(batch["position_ids"].cpu()) if batch.get("position_ids") is not None else None
+    if spans is None:
+        return [int(n) for n in mask.sum(dim=1)]
+    return [int(mask[r, b:e].sum()) for r, row in enumerate(spans) for b, e in row if mask[r, b:e].any()]
 
 
 def attention_flops(model: MM15Model, batch: dict[str, Any]) -> float:

@@ -219,6 +219,17 @@ def _packet_times(container, stream) -> tuple[np.ndarray, np.ndarray, float, lis
     return np.sort(np.asarray(pts, np.int64)), np.sort(np.asarray(keys, np.int64)), float(last_duration), notes
 
 
+def _stream_times(container, stream) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, list[str]]:
+    """`_packet_times` plus each frame's start in seconds from the first and the end of the last
+    (its packet duration, else the median frame gap)."""
+    pts, keys, step, notes = _packet_times(container, stream)
+    if len(pts) == 0:
+        raise ValueError("no video frames")
+    times = (pts - pts[0]) * float(stream.time_base)
+    step = step * float(stream.time_base) or (float(np.median(np.diff(times))) if len(times) > 1 else 0.04)
+    return pts, keys, times, float(times[-1] + step), notes
+
+
 def displayed_size(frame) -> tuple[int, int]:
     """(width, height) of a PyAV frame once its rotation is applied."""
     rot = int(frame.rotation) % 360
@@ -270,13 +281,8 @@ def read_pyav(path: str, sampling: FrameSampling, r: int, spec: DecodeSpec,
             raise ValueError(f"a still image ({container.format.name}), not a video")
         stream = container.streams.video[0]
         stream.thread_count = spec.threads
-        pts, keys, step, notes = _packet_times(container, stream)
-        if len(pts) == 0:
-            raise ValueError("no video frames")
-        base = float(stream.time_base)
-        times = (pts - pts[0]) * base
-        step = step * base or (float(np.median(np.diff(times))) if len(times) > 1 else 0.04)
-        pick = sample_frame_indices(times, float(times[-1] + step), sampling, start, end)
+        pts, keys, times, stream_end, notes = _stream_times(container, stream)
+        pick = sample_frame_indices(times, stream_end, sampling, start, end)
         wanted = np.unique(pts[pick.indices])
         decoded, size = _decode_targets(container, stream, wanted, keys, r, spec.resize)
     _check_replaced(len(wanted) - len(decoded), len(wanted), spec)
@@ -312,13 +318,8 @@ def _frame_times(path: str) -> tuple[np.ndarray, float, list[str]]:
     with av.open(path) as container:
         if not container.streams.video:
             raise ValueError("no video stream")
-        stream = container.streams.video[0]
-        pts, _, step, notes = _packet_times(container, stream)
-        if len(pts) == 0:
-            raise ValueError("no video frames")
-        times = (pts - pts[0]) * float(stream.time_base)
-        step = step * float(stream.time_base) or (float(np.median(np.diff(times))) if len(times) > 1 else 0.04)
-        return times, float(times[-1] + step), notes
+        _, _, times, stream_end, notes = _stream_times(container, container.streams.video[0])
+        return times, stream_end, notes
 
 
 def read_torchcodec(path: str, sampling: FrameSampling, r: int, spec: DecodeSpec,

@@ -148,11 +148,6 @@ def _cast_like(model: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
             owner._buffers[leaf] = b.to(dtypes[name])
 
 
-def on_meta(model: nn.Module) -> list[str]:
-    """Names of the parameters and buffers still on the `meta` device."""
-    return [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-
-
 def init_sharded_from_rank0(build: Callable[[bool], nn.Module], mesh: Any, device: torch.device,
                             precision: str = "32-true") -> tuple[nn.Module, dict[str, Any]]:
     """Build, shard and fill an `MM15Model` without any rank but 0 holding the full model.
